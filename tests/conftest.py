@@ -1,0 +1,40 @@
+"""Shared fixtures: where the built models live, and running the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = Path(os.environ.get("QWEN_RUNNER_MODELS", REPO / "models"))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`qwen-runner ARGS` in a fresh process, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_runner", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    if not MODELS.is_dir():
+        pytest.fail(f"{MODELS} missing: run `make models` (make test builds them first)")
+    return MODELS
+
+
+def model_path(name: str) -> Path:
+    path = MODELS / name
+    if not (path / "config.json").is_file():
+        pytest.fail(f"{path} missing: run `make models` (make test builds them first)")
+    return path
