@@ -1,0 +1,50 @@
+"""Opening a model for inference: resolve, choose the dtype, load, and time it.
+
+The one place `chat`, `generate` and `bench` get a runnable model from, so the ready-tier
+cache (when current) and the memory planner plug in here once for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen_runner import hardware, precision
+from qwen_runner.checkpoint import resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    model: object
+    tokenizer: object
+    spec: object
+    dtype: precision.DtypeChoice
+    load_seconds: float
+
+    @property
+    def bytes_per_token(self) -> int | None:
+        """Weight bytes one decoded token reads (from the checkpoint spec), for GB/s figures."""
+        return getattr(self.spec, "active_bytes_per_token", None)
+
+
+def choose_dtype(requested: str = "auto") -> precision.DtypeChoice:
+    choice = precision.choose_dtype(hardware.detect_cpu().isa, requested)
+    log.info("compute dtype %s (%s)", choice.dtype, choice.reason)
+    return choice
+
+
+def open_model(model: str, dtype: str = "auto") -> LoadedModel:
+    path = resolve_model_dir(model)
+    from qwen_runner.models import load
+
+    choice = choose_dtype(dtype)
+    start = time.perf_counter()
+    loaded, tokenizer, spec = load(path, dtype=choice.torch_dtype())
+    seconds = time.perf_counter() - start
+    log.info("loaded %s in %.2f s", path.name, seconds)
+    return LoadedModel(path, loaded, tokenizer, spec, choice, seconds)
