@@ -120,7 +120,7 @@ def format_stats(stats: GenerationStats) -> str:
     parts = [
         f"{stats.generated_tokens} tokens",
         f"{stats.decode_tps:.1f} tok/s",
-        f"TTFT {stats.ttft_seconds:.2f} s",
+        f"TTFT {stats.ttft_seconds:.2f} s" if stats.ttft_seconds is not None else "TTFT -",
         f"prefill {stats.prefill_tokens} tok @ {stats.prefill_tps:.0f} tok/s",
     ]
     if stats.reused_tokens:

@@ -28,10 +28,10 @@ DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation mem
 class GenerationStats:
     prompt_tokens: int
     reused_tokens: int  # served from the cache of the previous turn
-    prefill_tokens: int  # actually run through the model
+    prefill_tokens: int  # actually run through the model (fewer if interrupted)
     prefill_seconds: float
     prefill_tps: float
-    ttft_seconds: float
+    ttft_seconds: float | None  # None when interrupted before the first token
     generated_tokens: int
     decode_seconds: float
     decode_tps: float
@@ -128,11 +128,12 @@ def stream_generate(
     reused = prompt_cache.reuse(prompt)
     todo = list(prompt[reused:])
     prefill_end = first_token_at = None
-    decode_forwards = 0
+    prefilled = decode_forwards = 0
     with torch.inference_mode():
         try:
             for i in range(0, len(todo), prefill_chunk):
                 logits = prompt_cache.feed(todo[i:i + prefill_chunk])
+                prefilled += len(todo[i:i + prefill_chunk])
             prefill_end = time.perf_counter()
             history = torch.tensor(list(prompt), dtype=torch.long) if sampler.params.repetition_penalty != 1 else None
             while True:
@@ -167,18 +168,16 @@ def stream_generate(
         if tail:
             yield GenerationEvent(tail)
 
-    prefill_end = prefill_end or end
-    first_token_at = first_token_at or end
-    prefill_seconds = prefill_end - start
-    decode_seconds = end - first_token_at
+    prefill_seconds = (prefill_end or end) - start
+    decode_seconds = end - first_token_at if first_token_at else 0.0
     decode_tps = decode_forwards / decode_seconds if decode_forwards and decode_seconds > 0 else 0.0
     yield GenerationEvent("", stats=GenerationStats(
         prompt_tokens=len(prompt),
         reused_tokens=reused,
-        prefill_tokens=len(todo),
+        prefill_tokens=prefilled,
         prefill_seconds=prefill_seconds,
-        prefill_tps=len(todo) / prefill_seconds if prefill_seconds > 0 else 0.0,
-        ttft_seconds=first_token_at - start,
+        prefill_tps=prefilled / prefill_seconds if prefill_seconds > 0 else 0.0,
+        ttft_seconds=first_token_at - start if first_token_at else None,
         generated_tokens=len(generated),
         decode_seconds=decode_seconds,
         decode_tps=decode_tps,

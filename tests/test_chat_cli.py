@@ -71,10 +71,12 @@ def test_repl_session_on_the_demo_model():
         child.expect_exact("[conversation reset]")
         child.expect_exact(">>> ")
 
-        child.sendline("Write a long, detailed essay about the history of Europe.")
-        child.expect(r"\w+ \w+ \w+ \w+")  # the answer is streaming
+        essay = "Write a long, detailed essay about the history of Europe."
+        child.sendline(essay)
+        child.expect_exact(essay)  # the terminal's echo of the input
+        child.expect(r"\w+ \w+ \w+ \w+ \w+")  # the answer is streaming
         child.sendintr()
-        child.expect(r"interrupted")
+        child.expect(r"interrupted\]")  # the stats line ends with it: the answer was cut short
         child.expect_exact(">>> ")
 
         child.sendline("What is the capital of France?")
