@@ -6,6 +6,8 @@ OpenMP settings (OpenMP reads them once, when torch loads it).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import sys
@@ -13,6 +15,7 @@ import sys
 import click
 
 from qwen_runner import __version__
+from qwen_runner import settings as S
 from qwen_runner.errors import NotBuiltYetError, QwenRunnerError
 
 log = logging.getLogger("qwen_runner")
@@ -59,66 +62,210 @@ def info(as_json: bool) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else format_info(report))
 
 
+_BUDGET_HELP = f"Plan for this much RAM and no swap instead of this host's (e.g. 16G; env {S.ENV_MEMORY_BUDGET})."
+
+
 @cli.command()
 @_model_option
-@click.option("--max-context", type=int, default=None, help="Context length to plan the KV/state cache for.")
+@click.option("--max-context", type=int, default=S.DEFAULT_MAX_CONTEXT, show_default=True,
+              help="Context length to plan the KV/state cache for.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Compute dtype to plan for (auto: what chat would pick on this CPU).")
+@click.option("--memory-budget", default=None, help=_BUDGET_HELP)
 @click.option("--json", "as_json", is_flag=True)
-def plan(model: str, max_context: int | None, as_json: bool) -> None:
-    """Will MODEL fit? Per-stage memory peaks and advice (not built yet)."""
-    from qwen_runner.checkpoint import resolve_model_dir
+def plan(model: str, max_context: int, dtype: str, memory_budget: str | None, as_json: bool) -> None:
+    """Will MODEL fit? Per-stage memory peaks, verdicts and advice, from headers only."""
+    from qwen_runner.checkpoint import inspect_checkpoint, resolve_model_dir
+    from qwen_runner.planner import default_compute_dtype, detect_host, format_plan, make_plan
 
-    resolve_model_dir(model)
-    raise _not_built("plan", 3)
+    spec = inspect_checkpoint(resolve_model_dir(model))
+    host = detect_host(memory_budget or S.load_settings().memory_budget)
+    result = make_plan(spec, host, max_context, default_compute_dtype() if dtype == "auto" else dtype)
+    click.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else format_plan(result))
+
+
+def _memory_guard(stage: str, context_option: bool = False):
+    """Add --force/--memory-budget (and --max-context if asked) and run the planner before the command.
+
+    The check reads headers only, so a refusal (exit 3, one line, advice) comes before anything loads.
+    Goes directly above ``def``; the command keeps its own ``force``/``max_context`` parameters if it has them.
+    """
+
+    def wrap(func):
+        wanted = inspect.signature(func).parameters
+
+        @functools.wraps(func)
+        def guarded(*args, force: bool = False, memory_budget: str | None = None, **kwargs):
+            from qwen_runner.planner import require
+
+            require(kwargs["model"], stage, kwargs.get("max_context") or S.DEFAULT_MAX_CONTEXT, memory_budget, force,
+                    kwargs.get("dtype"))
+            if "force" in wanted:
+                kwargs["force"] = force
+            if "max_context" not in wanted:
+                kwargs.pop("max_context", None)
+            return func(*args, **kwargs)
+
+        guarded = click.option("--memory-budget", default=None, help=_BUDGET_HELP)(guarded)
+        if "force" not in wanted:
+            guarded = click.option("--force", is_flag=True, help="Go ahead even if the memory plan refuses.")(guarded)
+        if context_option:
+            guarded = click.option("--max-context", type=int, default=S.DEFAULT_MAX_CONTEXT, show_default=True,
+                                   help="Context length to plan and allocate the cache for.")(guarded)
+        return guarded
+
+    return wrap
 
 
 @cli.command("build-cache")
 @_model_option
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--backend", default="native", show_default=True)
-@click.option("--force", is_flag=True)
-def build_cache(model: str, dtype: str, backend: str, force: bool) -> None:
-    """Convert MODEL once into the mmap-able ready tier (not built yet)."""
-    from qwen_runner.checkpoint import resolve_model_dir
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Weight dtype of the cache (auto: what chat would pick on this CPU).")
+@click.option("--backend", default="native", show_default=True, help="Backend whose layout to build.")
+@click.option("--tier", type=click.Choice(["ready", "raw"]), default="ready", show_default=True,
+              help="Build up to this tier (raw: normalized checkpoint tensors only, e.g. int4 checkpoints today).")
+@click.option("--rebuild", is_flag=True, help="Discard existing shards and build everything again.")
+@click.option("--wait", is_flag=True, help="If another build-cache holds this cache, wait for it instead of refusing.")
+@click.option("--layers", type=int, default=None, hidden=True, help="Partial build of the first N layers (quick checks).")
+@click.option("--force", is_flag=True, help="Go ahead even if the memory plan refuses.")
+@_memory_guard("build")
+def build_cache(model: str, dtype: str, backend: str, tier: str, rebuild: bool, wait: bool, layers: int | None,
+                force: bool) -> None:
+    """Convert MODEL once into the mmap-able ready tier (streaming, resumable; see docs/cache.md)."""
+    from qwen_runner.cache import build_cache as build
+    from qwen_runner.planner import fmt_bytes
 
-    resolve_model_dir(model)
-    raise _not_built("build-cache", 6)
+    result = build(model, dtype, backend, target=tier, layers=layers, rebuild=rebuild, wait=wait)
+    state = "complete" if result.complete else f"partial (--layers {layers})"
+    click.echo(f"{result.target} tier {state}: {result.units} shards ({result.written} written, {result.kept} kept), "
+               f"{fmt_bytes(result.bytes_on_disk)} in {result.paths.dir}, {result.seconds:.1f} s")
 
 
 @cli.command()
 @click.argument("action", type=click.Choice(["ls", "verify", "rm"]))
 @click.argument("model", required=False)
-def cache(action: str, model: str | None) -> None:
-    """List, verify or remove cached tiers (not built yet)."""
-    raise _not_built(f"cache {action}", 6)
+@click.option("--all", "everything", is_flag=True, help="rm: every entry in the cache dir.")
+def cache(action: str, model: str | None, everything: bool) -> None:
+    """List, verify (every checksum) or remove cache entries; MODEL narrows to one checkpoint."""
+    from qwen_runner import cache as C
+    from qwen_runner.checkpoint import resolve_model_dir
+    from qwen_runner.errors import CacheError
+    from qwen_runner.planner import fmt_bytes
+
+    model_dir = resolve_model_dir(model) if model else None
+    if action == "ls":
+        entries = C.list_entries(model_dir)
+        click.echo(f"cache dir {S.default_cache_dir()}")
+        for e in entries:
+            m = e.manifest or {}
+            click.echo(f"{fmt_bytes(e.size):>10}  {e.state:<20} {e.folder}  <- {m.get('source', {}).get('path', '?')}")
+        if not entries:
+            click.echo("(empty)")
+    elif action == "verify":
+        if model_dir is None:
+            raise CacheError("cache verify needs MODEL", "e.g. `qwen-runner cache verify models/demo`")
+        entries, problems = C.verify(model_dir)
+        if not entries:
+            raise CacheError(f"no cache entry for {model_dir}", f"build it with `qwen-runner build-cache {model_dir}`")
+        for entry, problem in problems:
+            click.echo(f"bad  {entry.folder.name}/{problem.line()}", err=True)
+        if problems:
+            entry, first = problems[0]
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            m = entry.manifest or {}
+            raise CacheError(f"{entry.folder}/{first.line()}{more}",
+                             f"{C.build_hint(model_dir, m.get('dtype', 'auto'), m.get('backend', 'native'))} to rebuild "
+                             f"what is stale, or `qwen-runner cache rm {model_dir}`")
+        for entry in entries:
+            click.echo(f"ok   {entry.folder} ({len(entry.manifest['shards'])} shards, checksums match)")
+    else:
+        if model_dir is None and not everything:
+            raise CacheError("cache rm needs MODEL or --all", "e.g. `qwen-runner cache rm models/demo`")
+        entries = C.list_entries(model_dir)
+        freed = C.remove(entries)
+        click.echo(f"removed {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {fmt_bytes(freed)} freed")
+
+
+def _sampling_options(temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """The sampling flags shared by chat and generate (chat defaults to Qwen's recommended sampling)."""
+
+    def wrap(func):
+        for option in reversed([
+            click.option("--temperature", type=float, default=temperature, show_default=True,
+                         help="0 means greedy."),
+            click.option("--top-k", type=int, default=top_k, show_default=True,
+                         help="Keep the k most likely tokens (0: off)."),
+            click.option("--top-p", type=float, default=top_p, show_default=True,
+                         help="Nucleus sampling mass (1: off)."),
+            click.option("--min-p", type=float, default=0.0, help="Drop tokens below min-p x the best (0: off)."),
+            click.option("--repeat-penalty", type=float, default=1.0, help="Repetition penalty (1: off)."),
+            click.option("--seed", type=int, default=None, help="Seed for repeatable sampling."),
+            click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+                         show_default=True, help="Compute dtype (auto: from CPU features, see `info`)."),
+            click.option("--max-context", type=int, default=S.DEFAULT_MAX_CONTEXT, show_default=True,
+                         help="Tokens of context to allocate the cache for."),
+        ]):
+            func = option(func)
+        return func
+
+    return wrap
+
+
+def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed):
+    from qwen_runner.sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    except ValueError as err:
+        raise QwenRunnerError(f"bad sampling option: {err}", "see `qwen-runner chat --help`") from None
 
 
 @cli.command()
 @_model_option
-@click.option("--prompt", default=None, help="One-shot question instead of the REPL.")
+@click.option("--prompt", default=None, help="One-shot question instead of the REPL (piped stdin works too).")
 @click.option("--system", default=None, help="System prompt.")
-def chat(model: str, prompt: str | None, system: str | None) -> None:
-    """Chat with MODEL in a streaming REPL (not built yet)."""
-    from qwen_runner.checkpoint import resolve_model_dir
+@click.option("--think/--no-think", default=False, show_default=True, help="Qwen3 thinking mode.")
+@click.option("--hide-thinking", is_flag=True, help="Do not print the <think> part of answers.")
+@click.option("--max-tokens", type=int, default=S.DEFAULT_CHAT_MAX_TOKENS, show_default=True)
+@_sampling_options(S.DEFAULT_CHAT_TEMPERATURE, S.DEFAULT_CHAT_TOP_K, S.DEFAULT_CHAT_TOP_P)
+@_memory_guard("run")
+def chat(model, prompt, system, think, hide_thinking, max_tokens, temperature, top_k, top_p, min_p,
+         repeat_penalty, seed, dtype, max_context):
+    """Chat with MODEL: a streaming REPL with tokens/s after each answer."""
+    from qwen_runner.chat import start_chat
+    from qwen_runner.runtime import open_model
+    from qwen_runner.threads import active_config
 
-    resolve_model_dir(model)
-    raise _not_built("chat", 8)
+    sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    loaded = open_model(model, dtype)
+    start_chat(loaded, prompt=prompt, system=system, think=think, show_thinking=not hide_thinking,
+               max_context=max_context, max_tokens=max_tokens, sampling=sampling,
+               history_file=S.load_settings().cache_dir / "chat_history", threads=active_config().threads)
 
 
 @cli.command()
 @_model_option
-@click.option("--prompt", required=True)
-@click.option("--max-tokens", type=int, default=128, show_default=True)
-def generate(model: str, prompt: str, max_tokens: int) -> None:
-    """Raw completion of --prompt, no chat template (not built yet)."""
-    from qwen_runner.checkpoint import resolve_model_dir
+@click.option("--prompt", required=True, help="Text to continue (no chat template).")
+@click.option("--max-tokens", type=int, default=S.DEFAULT_GENERATE_MAX_TOKENS, show_default=True)
+@click.option("--backend", type=click.Choice(["native"]), default="native", show_default=True)
+@_sampling_options(0.0)
+@_memory_guard("run")
+def generate(model, prompt, max_tokens, backend, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+             dtype, max_context):
+    """Raw completion of --prompt: text to stdout, stats to stderr."""
+    from qwen_runner.generate import complete
+    from qwen_runner.runtime import open_model
 
-    resolve_model_dir(model)
-    raise _not_built("generate", 8)
+    sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    loaded = open_model(model, dtype)
+    complete(loaded, prompt, max_tokens=max_tokens, sampling=sampling, max_context=max_context,
+             out=sys.stdout, err=sys.stderr)
 
 
 @cli.command()
 @_model_option
 @click.option("--json", "as_json", is_flag=True)
+@_memory_guard("run", context_option=True)
 def bench(model: str, as_json: bool) -> None:
     """Measure prefill/decode speed, load time and peak memory (not built yet)."""
     from qwen_runner.checkpoint import resolve_model_dir

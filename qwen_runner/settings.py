@@ -64,3 +64,65 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         wait_policy=wait_policy,
         memory_budget=env.get(ENV_MEMORY_BUDGET) or None,
     )
+
+# Generation defaults (chat, generate, bench).
+DEFAULT_MAX_CONTEXT = 4096  # tokens the KV/state cache is allocated for unless --max-context says otherwise
+DEFAULT_CHAT_MAX_TOKENS = 1024
+DEFAULT_GENERATE_MAX_TOKENS = 128
+# Qwen's recommended sampling for chat (non-thinking mode); --temperature 0 makes it greedy.
+DEFAULT_CHAT_TEMPERATURE = 0.7
+DEFAULT_CHAT_TOP_P = 0.8
+DEFAULT_CHAT_TOP_K = 20
+
+# Memory planner (qwen_runner/planner.py, docs/planner.md). All sizes in bytes.
+GIB = 1024**3
+MIB = 1024**2
+# RSS of an idle process after `import torch, transformers` (torch 2.13 CPU, transformers 5.23), measured
+# here with psutil: 287 MiB. Every stage runs inside such a process, so it is part of every estimate.
+RUNTIME_BASELINE_RSS = 290 * MIB
+# The Qwen tokenizer (151k-token BPE) loaded by transformers: +82 MiB (tiny models' files) to +223 MiB
+# (demo's) measured over the baseline; 100 MiB is the allowance.
+TOKENIZER_RSS = 100 * MIB
+# oneDNN/AMX kernel init on the first forward, allocator slack, thread stacks: a fixed extra.
+RUNTIME_SLACK = 64 * MIB
+# While loading, one layer (or the embedding/lm_head) is live twice: the mapped file pages being read
+# and the converted/stacked copy. Measured on demo: +281 MiB peak over the loaded state, its largest
+# unit (lm_head) being 260 MiB. Counted as this many copies of the largest unit.
+LOAD_TRANSIENT_UNITS = 1
+# KV cache element size (bf16/fp16 compute dtype) and the Qwen3-Next recurrent state (kept in fp32 for
+# accuracy of the gated-delta recurrence) and conv window (compute dtype).
+KV_CACHE_DTYPE_BYTES = 2
+RECURRENT_STATE_DTYPE_BYTES = 4
+CONV_STATE_DTYPE_BYTES = 2
+# Prefill runs in chunks of this many tokens; activations are sized for one chunk at fp32.
+PREFILL_CHUNK_TOKENS = 512
+ACTIVATION_DTYPE_BYTES = 4
+# Live fp32 copies of the hidden state per token in a layer's forward (residual, normed, attn out, ...).
+# Attention scores are not itemized: torch's CPU SDPA kernel works in blocks.
+ACTIVATION_HIDDEN_COPIES = 8
+# The builder converts one layer at a time: raw tensors in, converted tensors out, plus scratch for the
+# largest single tensor while it is unpacked (int4 -> int8 values, i.e. x2 of the packed bytes, and a
+# same-size repacked copy).
+BUILD_UNPACK_FACTOR = 3
+# Verdicts: ok while the peak stays under this share of available memory; tight up to all of it.
+PLAN_OK_FRACTION = 0.85
+# Headroom added when we advise swap, so the advice is not itself "tight".
+SWAP_ADVICE_HEADROOM = 2 * GIB
+SWAP_SCRIPT = "setup/swap.sh"
+# How much of a checkpoint file the planner reads to measure disk speed "now" (only when the model
+# exceeds RAM and will stream from disk), and the most time it may take.
+DISK_PROBE_BYTES = 64 * MIB
+DISK_PROBE_SECONDS = 0.5
+# --max-context advice is rounded down to a multiple of this.
+CONTEXT_ADVICE_STEP = 1024
+
+# Tiered cache (qwen_runner/cache/, docs/cache.md).
+# Bump when the on-disk layout or manifest schema changes: older caches are then rebuilt, never misread.
+CACHE_FORMAT_VERSION = 1
+CACHE_FILE_MODE = 0o600  # cache files are private to the user
+CACHE_DIR_MODE = 0o700
+CACHE_HASH_CHUNK_BYTES = 8 * MIB  # streaming checksum read size
+CACHE_FINGERPRINT_CHARS = 12  # hex digits of the source fingerprint in the cache folder name
+# Test hook: "POINT[:N]" makes the builder SIGKILL itself at the N-th (default 1st) crash point POINT
+# (see qwen_runner/cache/store.py CRASH_POINTS). Used by tests/test_cache_crash.py only.
+ENV_CACHE_CRASH_AT = "QWEN_RUNNER_CACHE_CRASH_AT"
