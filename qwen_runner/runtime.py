@@ -39,12 +39,23 @@ def choose_dtype(requested: str = "auto") -> precision.DtypeChoice:
 
 
 def open_model(model: str, dtype: str = "auto") -> LoadedModel:
+    """Load MODEL for inference: from its ready tier when that is current (mmap, nothing converted),
+    else from the checkpoint, logging why and how to build the ready tier."""
     path = resolve_model_dir(model)
-    from qwen_runner.models import load
+    from qwen_runner.cache import open_ready
 
     choice = choose_dtype(dtype)
     start = time.perf_counter()
-    loaded, tokenizer, spec = load(path, dtype=choice.torch_dtype())
+    ready = open_ready(path, choice.dtype)
+    if ready is not None:
+        from qwen_runner.checkpoint import inspect_checkpoint
+        from qwen_runner.models.loader import load_tokenizer
+
+        loaded, tokenizer, spec = ready, load_tokenizer(path), inspect_checkpoint(path)
+    else:
+        from qwen_runner.models import load
+
+        loaded, tokenizer, spec = load(path, dtype=choice.torch_dtype())
     seconds = time.perf_counter() - start
-    log.info("loaded %s in %.2f s", path.name, seconds)
+    log.info("loaded %s in %.2f s (%s)", path.name, seconds, "ready tier" if ready is not None else "checkpoint")
     return LoadedModel(path, loaded, tokenizer, spec, choice, seconds)

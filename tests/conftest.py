@@ -21,6 +21,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test (and every CLI it spawns) uses a throwaway cache, never the user's real one."""
+    path = tmp_path_factory.mktemp("qwen-runner-cache")
+    previous = os.environ.get("QWEN_RUNNER_CACHE")
+    os.environ["QWEN_RUNNER_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("QWEN_RUNNER_CACHE", None)
+    else:
+        os.environ["QWEN_RUNNER_CACHE"] = previous
+
+
 @pytest.fixture
 def cli():
     return run_cli
