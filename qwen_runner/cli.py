@@ -16,7 +16,7 @@ import click
 
 from qwen_runner import __version__
 from qwen_runner import settings as S
-from qwen_runner.errors import NotBuiltYetError, QwenRunnerError
+from qwen_runner.errors import QwenRunnerError
 
 log = logging.getLogger("qwen_runner")
 
@@ -24,13 +24,6 @@ log = logging.getLogger("qwen_runner")
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _not_built(command: str, issue: int) -> NotBuiltYetError:
-    return NotBuiltYetError(
-        f"`qwen-runner {command}` is not built yet",
-        f"it is tracked as issue {issue}; `qwen-runner info` works today",
-    )
 
 
 def _model_option(func):
@@ -262,16 +255,49 @@ def generate(model, prompt, max_tokens, backend, temperature, top_k, top_p, min_
              out=sys.stdout, err=sys.stderr)
 
 
+def _thread_list(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        counts = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter("give thread counts like 1 or 1,2")
+    return counts
+
+
 @cli.command()
 @_model_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--gen-tokens", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--repeat", "repeats", type=click.IntRange(1), default=3, show_default=True,
+              help="Fresh-process measurements per configuration (median, min, max).")
+@click.option("--threads", "thread_counts", callback=_thread_list, default=None,
+              help="Thread counts to measure, e.g. 1,2 (default: the configured threads).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
+@click.option("--compare", type=click.Choice(["transformers"]), multiple=True,
+              help="Also measure transformers' generate on the same checkpoint (separate processes, interleaved).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report (schema: docs/bench.md).")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
 @_memory_guard("run", context_option=True)
-def bench(model: str, as_json: bool) -> None:
-    """Measure prefill/decode speed, load time and peak memory (not built yet)."""
-    from qwen_runner.checkpoint import resolve_model_dir
+def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compare, as_json, output):
+    """Measure load time, prefill/decode tok/s, TTFT, peak RSS and GB/s (medians over fresh processes)."""
+    from pathlib import Path
 
-    resolve_model_dir(model)
-    raise _not_built("bench", 9)
+    from qwen_runner.bench import BenchOptions, check_report, format_report, run_bench, write_report
+    from qwen_runner.checkpoint import resolve_model_dir
+    from qwen_runner.threads import active_config
+
+    options = BenchOptions(resolve_model_dir(model), prompt_tokens, gen_tokens, repeats,
+                           thread_counts or [active_config().threads], dtype, tuple(compare))
+    report = run_bench(options, S.load_settings().cache_dir, progress=lambda m: log.info("bench: %s", m))
+    problems = check_report(report)
+    if problems:
+        raise QwenRunnerError(f"bench produced an inconsistent report: {problems[0]}", "rerun with -v")
+    if output:
+        write_report(report, Path(output))
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,9 +51,3 @@ class BackendUnavailableError(QwenRunnerError):
 
 class ContextOverflowError(QwenRunnerError):
     default_hint = "shorten the prompt or raise --max-context"
-
-
-class NotBuiltYetError(QwenRunnerError):
-    """A subcommand that is planned but not implemented yet: fail loudly, never fake it."""
-
-    exit_code = 2

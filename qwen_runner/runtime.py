@@ -25,10 +25,14 @@ class LoadedModel:
     spec: object
     dtype: precision.DtypeChoice
     load_seconds: float
+    from_ready: bool = False
 
     @property
     def bytes_per_token(self) -> int | None:
-        """Weight bytes one decoded token reads (from the checkpoint spec), for GB/s figures."""
+        """Weight bytes one decoded token reads, for GB/s figures: the model counts its in-memory
+        tensors (an fp32 run reads twice a bf16 checkpoint's bytes); the header spec is the fallback."""
+        if hasattr(self.model, "decode_weight_bytes"):
+            return self.model.decode_weight_bytes()
         return getattr(self.spec, "active_bytes_per_token", None)
 
 
@@ -58,4 +62,4 @@ def open_model(model: str, dtype: str = "auto") -> LoadedModel:
         loaded, tokenizer, spec = load(path, dtype=choice.torch_dtype())
     seconds = time.perf_counter() - start
     log.info("loaded %s in %.2f s (%s)", path.name, seconds, "ready tier" if ready is not None else "checkpoint")
-    return LoadedModel(path, loaded, tokenizer, spec, choice, seconds)
+    return LoadedModel(path, loaded, tokenizer, spec, choice, seconds, ready is not None)

@@ -40,12 +40,6 @@ def test_debug_shows_the_traceback(cli):
     assert "Traceback" in result.stderr and "ModelNotFoundError" in result.stderr
 
 
-def test_unbuilt_commands_say_so_and_fail(cli):
-    result = cli("bench", "models/tiny-qwen3-moe")
-    assert result.returncode == 2
-    assert "not built yet" in result.stderr
-
-
 def test_bad_thread_count_is_a_clean_error(cli):
     result = cli("--threads", "0", "info")
     assert result.returncode == 1

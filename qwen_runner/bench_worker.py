@@ -1,0 +1,125 @@
+"""One measurement of `qwen-runner bench`, run in a fresh process.
+
+A fresh process per measurement is the only way to time a cold start honestly and to let
+each run choose its own OpenMP threads (read once, when torch loads). The parent passes a
+JSON spec as argv[1] (with its wall clock at spawn time) and reads one JSON line back.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+PROBE_BYTES = 1 << 30  # far larger than any cache: the probe reads DRAM
+PROBE_REPEATS = 5
+PROMPT_SEED = 0
+PROMPT_TOKEN_RANGE = (1000, 100000)  # ordinary vocabulary ids, clear of special tokens
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prompt(n: int):
+    import torch
+
+    low, high = PROMPT_TOKEN_RANGE
+    return torch.randint(low, high, (n,), generator=torch.Generator().manual_seed(PROMPT_SEED)).tolist()
+
+
+def probe(spec: dict) -> dict:
+    """Read bandwidth at this thread count: the best of a few full passes over 1 GiB."""
+    import torch
+
+    buf = torch.ones(PROBE_BYTES // 4, dtype=torch.float32)
+    buf.sum()
+    best = float("inf")
+    for _ in range(PROBE_REPEATS):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return {"read_gbps": PROBE_BYTES / best / 1e9}
+
+
+def ours(spec: dict) -> dict:
+    from qwen_runner.generate import stream_generate
+    from qwen_runner.runtime import open_model
+
+    loaded = open_model(spec["model"], spec["dtype"])
+    loaded_at = time.time()
+    prompt = _prompt(spec["prompt_tokens"])
+    stats, first_token_at = None, None
+    for event in stream_generate(
+        loaded.model, loaded.tokenizer, prompt, max_context=spec["prompt_tokens"] + spec["gen_tokens"] + 1,
+        max_tokens=spec["gen_tokens"], eos_token_ids=(), bytes_per_token=loaded.bytes_per_token,
+    ):
+        if first_token_at is None:
+            first_token_at = time.time()
+        stats = event.stats or stats
+    return {
+        "source": "ready" if loaded.from_ready else "raw",
+        "dtype": loaded.dtype.dtype,
+        "load_s": loaded.load_seconds,
+        "start_to_first_token_s": (first_token_at or time.time()) - spec["started"],
+        "start_to_loaded_s": loaded_at - spec["started"],
+        "prefill_tps": stats.prefill_tps,
+        "ttft_s": stats.ttft_seconds,
+        "decode_tps": stats.decode_tps,
+        "generated_tokens": stats.generated_tokens,
+        "bytes_per_token": loaded.bytes_per_token,
+    }
+
+
+def transformers_generate(spec: dict) -> dict:
+    """transformers' own generate, greedy, on the same checkpoint; decode rate from two lengths."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_runner.precision import TORCH_DTYPE_NAMES
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, TORCH_DTYPE_NAMES[spec["dtype"]]))
+    model.eval()
+    load_s = time.perf_counter() - start
+    ids = torch.tensor([_prompt(spec["prompt_tokens"])])
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+        return time.perf_counter() - begin
+
+    first = run(1)  # prefill + first token, cold as a user's first request
+    first_token_at = time.time()
+    full = run(spec["gen_tokens"])
+    return {
+        "source": "checkpoint",
+        "dtype": spec["dtype"],
+        "load_s": load_s,
+        "start_to_first_token_s": first_token_at - spec["started"],
+        "prefill_tps": spec["prompt_tokens"] / first,
+        "ttft_s": first,
+        "decode_tps": (spec["gen_tokens"] - 1) / max(full - first, 1e-9),
+        "generated_tokens": spec["gen_tokens"],
+    }
+
+
+WORKERS = {"probe": probe, "qwen-runner": ours, "transformers": transformers_generate}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from qwen_runner.threads import configure_threads
+
+    configure_threads(spec["threads"])  # before torch is imported
+    result = WORKERS[spec["impl"]](spec)
+    result["peak_rss_bytes"] = _peak_rss()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`qwen-runner bench`: the JSON report's schema and sanity (never a speed threshold), and bad runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from qwen_runner.bench import SCHEMA, check_report
+from tests.conftest import REPO, model_path
+
+QUICK = ["--repeat", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--threads", "1"]
+
+
+def bench_json(name: str, *extra: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "qwen_runner", "bench", str(model_path(name)), "--json", *QUICK,
+                             *extra], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return bench_json("tiny-qwen3-moe", "--compare", "transformers")
+
+
+def test_report_schema_and_sanity(report):
+    assert check_report(report) == []
+    assert report["schema"] == SCHEMA and report["complete"] is True
+    assert report["config"]["threads"] == [1] and report["config"]["dtype"] in ("bf16", "fp32", "fp16")
+    env = report["environment"]
+    assert env["omp_wait_policy"] and env["versions"]["torch"] and "amx_bf16" in env["isa"]
+    assert len(env["load_average_start"]) == 3
+    assert report["bandwidth_gbps"]["1"]["median"] > 0
+
+
+def test_every_configuration_is_measured(report):
+    rows = {(r["impl"], r["source"]): r for r in report["results"]}
+    assert set(rows) == {("qwen-runner", "ready"), ("qwen-runner", "raw"), ("transformers", "checkpoint")}
+    ours = rows[("qwen-runner", "ready")]
+    # consistency: the first token comes after loading, prefill is part of TTFT
+    assert ours["start_to_first_token_s"]["median"] > ours["load_s"]["median"]
+    assert ours["gbps"]["median"] > 0 and 0 < ours["bandwidth_fraction"] < 1.5
+    assert ours["peak_rss_bytes"]["median"] > 100 << 20
+    metrics = {(r["metric"], r["what"]) for r in report["ratios"]}
+    assert ("decode_tps", "qwen-runner / transformers") in metrics
+    assert ("start_to_first_token_s", "raw / ready") in metrics
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-qwen3-next"])
+def test_other_architectures(name):
+    assert check_report(bench_json(name)) == []
+
+
+def test_check_report_catches_nonsense(report):
+    bad = copy.deepcopy(report)
+    bad["results"][0]["decode_tps"]["median"] = float("nan")
+    assert check_report(bad)
+    bad = copy.deepcopy(report)
+    bad["results"][0]["decode_tps"]["min"] = bad["results"][0]["decode_tps"]["max"] + 1
+    assert check_report(bad)
+    bad = copy.deepcopy(report)
+    bad["complete"] = False
+    assert check_report(bad)
+    assert check_report({"schema": SCHEMA})
+
+
+def test_bad_model_path_is_one_line(cli):
+    result = cli("bench", "/no/such/model", "--json")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_planner_refusal(cli):
+    result = cli("bench", str(model_path("tiny-qwen3-moe")), "--memory-budget", "1M")
+    assert result.returncode == 3 and "refusing" in result.stderr and result.stdout == ""
+
+
+def test_ctrl_c_writes_no_partial_report(tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_runner", "-v", "bench", str(model_path("tiny-qwen3-moe")),
+                             "--output", str(out), *QUICK], cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    for line in proc.stderr:
+        if "repeat 1/1" in line:  # a measurement is in flight
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
