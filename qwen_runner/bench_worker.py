@@ -8,7 +8,6 @@ JSON spec as argv[1] (with its wall clock at spawn time) and reads one JSON line
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
@@ -16,10 +15,6 @@ PROBE_BYTES = 1 << 30  # far larger than any cache: the probe reads DRAM
 PROBE_REPEATS = 5
 PROMPT_SEED = 0
 PROMPT_TOKEN_RANGE = (1000, 100000)  # ordinary vocabulary ids, clear of special tokens
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _prompt(n: int):
@@ -117,7 +112,9 @@ def main() -> None:
 
     configure_threads(spec["threads"])  # before torch is imported
     result = WORKERS[spec["impl"]](spec)
-    result["peak_rss_bytes"] = _peak_rss()
+    from qwen_runner.memory import peak_rss_bytes
+
+    result["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(result))
 
 

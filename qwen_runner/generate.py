@@ -8,7 +8,6 @@ prompt that shares a prefix (the next chat turn) prefills only what is new.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ import torch
 
 from qwen_runner.detokenize import IncrementalDetokenizer, StopStringMatcher
 from qwen_runner.errors import ContextOverflowError, QwenRunnerError
+from qwen_runner.memory import peak_rss_bytes
 from qwen_runner.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ class GenerationEvent:
     text: str
     token: int | None = None
     stats: GenerationStats | None = None
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class PromptCache:

@@ -18,7 +18,7 @@ from qwen_runner import quant as Q
 from qwen_runner.cli import main
 from qwen_runner.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 
-from conftest import REPO, model_path
+from tests.conftest import REPO, model_path
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_giant_skeleton as skeleton  # noqa: E402
@@ -292,9 +292,10 @@ def test_fuzz_structured_headers(header, data_size):
         return
     # Whatever is accepted is self-consistent and inside the file.
     assert length == len(blob) - 8
-    for name, (dtype, shape, nbytes) in tensors.items():
+    for name, info in tensors.items():
         begin, end = header[name]["data_offsets"]
-        assert nbytes == math.prod(shape) * C.DTYPE_BYTES[dtype] == end - begin and end <= data_size
+        assert all(type(d) is int and d >= 0 for d in info.shape)
+        assert info.nbytes == math.prod(info.shape) * C.DTYPE_BYTES[info.dtype] == end - begin and end <= data_size
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,15 +1,15 @@
 """Load MODEL with our model code, allocate the cache for MAX_CONTEXT, decode a few tokens; print JSON.
 
-Run in a fresh process by tests/test_planner.py so the peak RSS (ru_maxrss) is this run's alone:
+Run in a fresh process by tests/test_planner.py so the peak RSS (VmHWM) is this run's alone:
     python tests/helpers/measure_run_rss.py MODEL MAX_CONTEXT DTYPE
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
+from qwen_runner.memory import peak_rss_bytes
 from qwen_runner.threads import configure_threads
 
 PROMPT_TOKENS = 16
@@ -30,7 +30,7 @@ def main() -> None:
     for _ in range(DECODE_TOKENS):
         logits = model(ids, cache, last_only=True)
         ids = logits[:, -1].argmax(-1, keepdim=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_rss_bytes()  # VmHWM: ru_maxrss would include the forking test process
     print(json.dumps({"peak_rss": peak, "cache_nbytes": cache.nbytes()}))
 
 
