@@ -14,7 +14,7 @@ from qwen_runner import planner as P
 from qwen_runner import settings as S
 from qwen_runner.checkpoint import inspect_checkpoint
 
-from conftest import REPO, model_path, run_cli
+from tests.conftest import REPO, model_path, run_cli
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_giant_skeleton as skeleton  # noqa: E402

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from tests.conftest import REPO
 
 SCRIPT = REPO / "setup" / "swap.sh"
 
