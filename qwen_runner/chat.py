@@ -276,6 +276,10 @@ def start_chat(loaded, *, prompt: str | None, system: str | None, think: bool, s
     if prompt:
         answer(session, prompt, show_thinking=show_thinking, stats_out=sys.stderr)
         return
+    source = "ready tier" if loaded.from_ready else "checkpoint"
     banner = (f"qwen-runner chat · {loaded.path.name} · {loaded.dtype.dtype} · {threads} threads · "
-              f"loaded in {loaded.load_seconds:.1f} s")
+              f"loaded from the {source} in {loaded.load_seconds:.1f} s")
+    if not loaded.from_ready:
+        banner += (f"\n(start in seconds next time: `qwen-runner build-cache {loaded.path}`, "
+                   "or add --build-cache to this command)")
     run_repl(session, banner, history_file, show_thinking)

@@ -220,9 +220,11 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed):
 @click.option("--think/--no-think", default=False, show_default=True, help="Qwen3 thinking mode.")
 @click.option("--hide-thinking", is_flag=True, help="Do not print the <think> part of answers.")
 @click.option("--max-tokens", type=int, default=S.DEFAULT_CHAT_MAX_TOKENS, show_default=True)
+@click.option("--build-cache", "build_first", is_flag=True,
+              help="Build (or finish) the ready tier first, with a progress bar, so this and later starts are fast.")
 @_sampling_options(S.DEFAULT_CHAT_TEMPERATURE, S.DEFAULT_CHAT_TOP_K, S.DEFAULT_CHAT_TOP_P)
 @_memory_guard("run")
-def chat(model, prompt, system, think, hide_thinking, max_tokens, temperature, top_k, top_p, min_p,
+def chat(model, prompt, system, think, hide_thinking, max_tokens, build_first, temperature, top_k, top_p, min_p,
          repeat_penalty, seed, dtype, max_context):
     """Chat with MODEL: a streaming REPL with tokens/s after each answer."""
     from qwen_runner.chat import start_chat
@@ -230,6 +232,10 @@ def chat(model, prompt, system, think, hide_thinking, max_tokens, temperature, t
     from qwen_runner.threads import active_config
 
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    if build_first:
+        from qwen_runner.cache import build_cache as build
+
+        build(model, dtype)
     loaded = open_model(model, dtype)
     start_chat(loaded, prompt=prompt, system=system, think=think, show_thinking=not hide_thinking,
                max_context=max_context, max_tokens=max_tokens, sampling=sampling,

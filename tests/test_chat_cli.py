@@ -89,3 +89,20 @@ def test_repl_session_on_the_demo_model():
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_chat_build_cache_then_loads_the_ready_tier(tmp_path):
+    import subprocess
+
+    env = {**os.environ, "QWEN_RUNNER_CACHE": str(tmp_path)}
+    args = [sys.executable, "-m", "qwen_runner", "-v", "--threads", "1", "chat", str(model_path("tiny-qwen3-moe")),
+            "--temperature", "0", "--max-tokens", "3"]
+    first = subprocess.run([*args, "--build-cache"], input="Hi", capture_output=True, text=True, timeout=300,
+                           cwd=REPO, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "(ready tier)" in first.stderr and STATS.search(first.stderr)
+    listing = subprocess.run([sys.executable, "-m", "qwen_runner", "cache", "ls"], capture_output=True, text=True,
+                             cwd=REPO, env=env)
+    assert "tiny-qwen3-moe" in listing.stdout
+    second = subprocess.run(args, input="Hi", capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert "(ready tier)" in second.stderr and second.stdout == first.stdout
