@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_runner.errors import CheckpointError
-from qwen_runner.models import deltanet
-from qwen_runner.models.layers import (DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, StackedExperts,
-                                       apply_rotary, attend, swiglu)
+from qwen_runner.models import deltanet, packing
+from qwen_runner.models.layers import (DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary, attend)
 from qwen_runner.models.qwen3_moe import _fused, _stacked_experts, rope_theta_of, sparse_layer_pattern
 
 log = logging.getLogger(__name__)
+packing_available = packing.packing_available
 
 ARCHITECTURE = "Qwen3NextForCausalLM"
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -377,7 +377,7 @@ class Model(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Adopt the weights, then (bf16 only) repack the matmul weights for oneDNN; see ``pack_weights``."""
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if self.pack_on_load and self.dtype in PACKABLE_DTYPES and packing_available():
+        if self.pack_on_load and self.dtype in packing.PACKABLE_DTYPES and packing_available():
             pack_weights(self)
         return result
 
@@ -412,87 +412,7 @@ class Model(nn.Module):
 
 # --------------------------------------------------------------------------- oneDNN weight packing
 
-# Measured on this box (Sapphire Rapids, bf16, batch-1 decode shapes): torch's plain bf16
-# F.linear reads weights at ~7-10 GB/s; the same matmul through oneDNN with the weight
-# reordered once into its blocked layout was 1.2-2x faster, bit-identical, and no slower at
-# prefill shapes. Only bf16 was measured, so only bf16 is packed; fp32 keeps the plain path
-# (which the fp32 parity tests cover), bf16 parity tests cover the packed one.
-PACKABLE_DTYPES = (torch.bfloat16,)
-PACK_ON_LOAD = True
-_PACK_BATCH_HINT = 1  # oneDNN picks the blocked layout for this M: decode is M = 1
-
-
-def packing_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_BATCH_HINT)
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for a weight packed by ``_pack`` (no bias)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
-
-
-def _release(module: nn.Module, name: str) -> None:
-    """Drop a parameter's storage once its packed copy exists, keeping its shape and dtype.
-
-    The parameter becomes a zero-stride view of one element: shape-based code (planner,
-    ``dtype``) still works and peak memory is one copy, not two. Its *values* are gone, so a
-    packed model's ``state_dict`` must not be saved (the cache builder uses ``checkpoint_state``).
-    """
-    param = getattr(module, name)
-    setattr(module, name, nn.Parameter(torch.empty((), dtype=param.dtype).expand(param.shape), requires_grad=False))
-
-
-def _pack_linear(module: nn.Linear) -> None:
-    packed = _pack(module.weight)
-    _release(module, "weight")
-    module.forward = lambda x: packed_linear(x, packed)
-
-
-def _pack_dense_mlp(mlp: DenseMLP) -> None:
-    w13, w2 = _pack(mlp.w13), _pack(mlp.w2)
-    _release(mlp, "w13")
-    _release(mlp, "w2")
-    mlp.forward = lambda x: packed_linear(swiglu(packed_linear(x, w13)), w2)
-
-
-def _pack_experts(experts: StackedExperts) -> None:
-    """Per-expert packed weights; decode and prefill mirror ``StackedExperts``' own loops."""
-    w13 = [_pack(w) for w in experts.w13.unbind(0)]
-    w2 = [_pack(w) for w in experts.w2.unbind(0)]
-    _release(experts, "w13")
-    _release(experts, "w2")
-
-    def decode(x, weights, chosen):
-        out = None
-        for e, w in zip(chosen[0].tolist(), weights[0].unbind(0)):
-            y = packed_linear(swiglu(packed_linear(x, w13[e])), w2[e]).mul_(w)
-            out = y if out is None else out.add_(y)
-        return out
-
-    def prefill(x, weights, chosen):
-        top_k = chosen.shape[1]
-        flat = chosen.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
-        tokens = order // top_k
-        xs = x.index_select(0, tokens)
-        ys = torch.empty_like(xs)
-        begin = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[begin:begin + n] = packed_linear(swiglu(packed_linear(xs[begin:begin + n], w13[e])), w2[e])
-                begin += n
-        ys.mul_(weights.reshape(-1, 1).index_select(0, order))
-        return torch.zeros_like(x).index_add_(0, tokens, ys)
-
-    experts.decode, experts.prefill = decode, prefill
+PACK_ON_LOAD = True  # bf16 only, where oneDNN can (see ``packing``)
 
 
 def pack_weights(model: Model) -> None:
@@ -507,13 +427,13 @@ def pack_weights(model: Model) -> None:
         mixer = layer.linear_attn if layer.is_linear else layer.self_attn
         linears += [mixer.in_proj, mixer.out_proj] if layer.is_linear else [mixer.qkv_proj, mixer.o_proj]
         if isinstance(layer.mlp, SparseMoE):
-            _pack_experts(layer.mlp.experts)
+            packing.pack_experts(layer.mlp.experts)
             if layer.mlp.shared_expert is not None:
-                _pack_dense_mlp(layer.mlp.shared_expert)
+                packing.pack_dense_mlp(layer.mlp.shared_expert)
         else:
-            _pack_dense_mlp(layer.mlp)
+            packing.pack_dense_mlp(layer.mlp)
     for linear in linears:
-        _pack_linear(linear)
+        packing.pack_linear(linear)
     model.packed = True
     log.debug("packed matmul weights for oneDNN")
 
