@@ -200,11 +200,14 @@ def parse_safetensors_header(data: bytes, file_size: int, path: Path = Path("<by
             continue
         try:  # the common, well-formed case in one go; anything odd is diagnosed below
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            # Dimensions are checked before the product: a nested list would make prod() repeat it.
-            well_formed = all(type(d) is int and d >= 0 for d in shape)
-            nbytes = math.prod(shape) * DTYPE_BYTES[dtype] if well_formed else 0
-            well_formed = well_formed and (
-                type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size and end - begin == nbytes
+            # min() before prod(): a nested list or string dimension raises TypeError here instead of
+            # making prod() repeat a list into gigabytes; a float dimension makes nbytes a float.
+            if shape and min(shape) < 0:
+                raise ValueError
+            nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+            well_formed = (
+                type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
+                and end - begin == nbytes and type(nbytes) is int
             )
         except (TypeError, KeyError, ValueError):
             well_formed = False
