@@ -8,7 +8,7 @@ Peak RSS is therefore the final weights plus one layer in flight.
 
 ``model_state_from_checkpoint`` is separate from module construction so the ready-tier
 cache can store its output (the stacked layout) and later load it with
-``torch.load(mmap=True)`` + ``assign=True`` through ``build_model(..., state=...)``.
+``torch.load(mmap=True, weights_only=True)`` + ``assign=True`` through ``build_model(..., state=...)``.
 """
 
 from __future__ import annotations
