@@ -29,8 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "bench-qwen3-moe"
 PROMPT_TOKENS = 32
 NEW_TOKENS = 32
-PROBE_BYTES = 1 << 30  # larger than any cache: the probe measures DRAM, not L3
-PROBE_REPEATS = 5
 WAIT_POLICY = "PASSIVE"  # spinning OpenMP workers on a shared 2-core box cost ~10x on small matmuls
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 WORKER_TIMEOUT_S = 900
@@ -48,20 +46,6 @@ def _prompt(vocab_limit: int = 5000):
     import torch
 
     return torch.randint(0, vocab_limit, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-
-
-def worker_probe(threads: int) -> dict:
-    """Read bandwidth: best of a few sums over a buffer far larger than the caches."""
-    import torch
-
-    buf = torch.ones(PROBE_BYTES // 4, dtype=torch.float32)
-    buf.sum()
-    best = float("inf")
-    for _ in range(PROBE_REPEATS):
-        start = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - start)
-    return {"read_gbps": PROBE_BYTES / best / 1e9}
 
 
 def worker_hf(model_path: str, dtype: str, new_tokens: int) -> dict:
@@ -115,7 +99,9 @@ def run_worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     if spec["impl"] == "probe":
-        return worker_probe(spec["threads"])
+        from qwen_runner.bench_worker import probe  # the same probe `qwen-runner bench` runs
+
+        return probe(spec)
     if spec["impl"] == "transformers":
         return worker_hf(spec["model"], spec["dtype"], spec["new_tokens"])
     return worker_ours(spec["model"], spec["dtype"], spec["new_tokens"])
