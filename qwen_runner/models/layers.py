@@ -31,7 +31,7 @@ from qwen_runner.errors import ContextOverflowError
 __all__ = [
     "RMSNorm", "rms_norm", "RotaryEmbedding", "apply_rotary", "KVCache", "attend", "Attention",
     "apply_rotary_signed", "route", "DenseMLP", "StackedExperts", "SparseMoE", "swiglu", "causal_mask",
-    "matmul_backend", "gemv_threads", "thread_limit",
+    "matmul_backend", "gemv_threads", "thread_limit", "CausalLM", "grouped_by_expert",
 ]
 
 
@@ -408,22 +408,29 @@ class StackedExperts(nn.Module):
     def prefill(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Many tokens: sort (token, expert) pairs once, one matmul pair per expert that was hit."""
         w13, w2 = self._views()
-        top_k = experts.shape[1]
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tokens = order // top_k
-        xs = x.index_select(0, tokens)
-        ys = torch.empty_like(xs)
-        begin = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            end = begin + n
-            ys[begin:end] = swiglu(xs[begin:end] @ w13[e]) @ w2[e]
-            begin = end
-        ys.mul_(weights.reshape(-1, 1).index_select(0, order))
-        return torch.zeros_like(x).index_add_(0, tokens, ys)
+        return grouped_by_expert(x, weights, experts, self.num_experts, lambda e, xs: swiglu(xs @ w13[e]) @ w2[e])
+
+
+def grouped_by_expert(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
+                      mlp) -> torch.Tensor:
+    """Prefill MoE: sort the (token, expert) pairs once, run ``mlp(e, tokens_of_e)`` per expert hit,
+    weight the rows, and scatter-add them back to their tokens."""
+    top_k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    tokens = order // top_k
+    xs = x.index_select(0, tokens)
+    ys = torch.empty_like(xs)
+    begin = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        end = begin + n
+        ys[begin:end] = mlp(e, xs[begin:end])
+        begin = end
+    ys.mul_(weights.reshape(-1, 1).index_select(0, order))
+    return torch.zeros_like(x).index_add_(0, tokens, ys)
 
 
 class SparseMoE(nn.Module):
@@ -448,3 +455,25 @@ class SparseMoE(nn.Module):
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+
+# --------------------------------------------------------------------------- model base
+
+class CausalLM(nn.Module):
+    """What every architecture's ``Model`` shares: construction from config.json, and its dtype.
+
+    A subclass sets ``args_from_config = staticmethod(<its config -> ModelArgs function>)``.
+    """
+
+    args_from_config: staticmethod
+
+    @classmethod
+    def from_config(cls, config):
+        """From the HF config.json dict (or a transformers config object)."""
+        if not isinstance(config, dict):
+            config = config.to_dict()
+        return cls(cls.args_from_config(config))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype

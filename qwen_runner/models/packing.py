@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwen_runner.models.layers import DenseMLP, StackedExperts, swiglu
+from qwen_runner.models.layers import DenseMLP, StackedExperts, grouped_by_expert, swiglu
 
 PACKABLE_DTYPES = (torch.bfloat16,)
 _PACK_BATCH_HINT = 1  # oneDNN picks the blocked layout for this M: decode is M = 1
@@ -74,19 +74,7 @@ def pack_experts(experts: StackedExperts) -> None:
         return out
 
     def prefill(x, weights, chosen):
-        top_k = chosen.shape[1]
-        flat = chosen.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
-        tokens = order // top_k
-        xs = x.index_select(0, tokens)
-        ys = torch.empty_like(xs)
-        begin = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[begin:begin + n] = packed_linear(swiglu(packed_linear(xs[begin:begin + n], w13[e])), w2[e])
-                begin += n
-        ys.mul_(weights.reshape(-1, 1).index_select(0, order))
-        return torch.zeros_like(x).index_add_(0, tokens, ys)
+        return grouped_by_expert(x, weights, chosen, experts.num_experts,
+                                 lambda e, xs: packed_linear(swiglu(packed_linear(xs, w13[e])), w2[e]))
 
     experts.decode, experts.prefill = decode, prefill
