@@ -26,7 +26,4 @@ def args_from_config(config: dict) -> ModelArgs:
 
 class Model(qwen3_moe.Model):
     architecture = ARCHITECTURE
-
-    @staticmethod
-    def args_from_config(config: dict) -> ModelArgs:
-        return args_from_config(config)
+    args_from_config = staticmethod(args_from_config)

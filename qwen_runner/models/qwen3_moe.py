@@ -16,7 +16,8 @@ from torch import nn
 
 from qwen_runner.errors import UnsupportedModelError
 from qwen_runner.models.layers import (
-    Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, gemv_threads, matmul_backend, thread_limit,
+    Attention, CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, gemv_threads, matmul_backend,
+    thread_limit,
 )
 
 log = logging.getLogger(__name__)
@@ -117,10 +118,11 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Decoder-only MoE transformer; ``forward(input_ids [1, T], cache)`` -> fp32 logits."""
 
     architecture = ARCHITECTURE
+    args_from_config = staticmethod(args_from_config)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -133,21 +135,6 @@ class Model(nn.Module):
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK
         self.native_matmul_max_tokens = NATIVE_MATMUL_MAX_TOKENS
         self._layer_gemv_bytes: int | None = None
-
-    @staticmethod
-    def args_from_config(config: dict) -> ModelArgs:
-        return args_from_config(config)
-
-    @classmethod
-    def from_config(cls, config) -> Model:
-        """From the HF config.json dict (or a transformers config object)."""
-        if not isinstance(config, dict):
-            config = config.to_dict()
-        return cls(cls.args_from_config(config))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
 
     def decode_weight_bytes(self) -> int:
         """Weight bytes one decoded token reads: all but the unchosen experts and all but one embedding row.

@@ -31,7 +31,7 @@ from torch import nn
 
 from qwen_runner.errors import CheckpointError
 from qwen_runner.models import deltanet, packing
-from qwen_runner.models.layers import (DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary, attend)
+from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary, attend)
 from qwen_runner.models.qwen3_moe import _fused, _stacked_experts, rope_theta_of, sparse_layer_pattern
 
 log = logging.getLogger(__name__)
@@ -333,10 +333,11 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Hybrid DeltaNet/attention MoE decoder; ``forward(input_ids [1, T], cache)`` -> fp32 logits."""
 
     architecture = ARCHITECTURE
+    args_from_config = staticmethod(args_from_config)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -355,21 +356,6 @@ class Model(nn.Module):
         for kind in args.layer_types:
             self.slots.append(counters[kind])
             counters[kind] += 1
-
-    @staticmethod
-    def args_from_config(config: dict) -> ModelArgs:
-        return args_from_config(config)
-
-    @classmethod
-    def from_config(cls, config) -> Model:
-        """From the HF config.json dict (or a transformers config object)."""
-        if not isinstance(config, dict):
-            config = config.to_dict()
-        return cls(cls.args_from_config(config))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
 
     def make_cache(self, max_context: int) -> HybridCache:
         return HybridCache(self.config_args, max_context, self.dtype)
