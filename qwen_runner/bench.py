@@ -2,9 +2,12 @@
 
 Every measurement is a fresh process (``bench_worker``), interleaved across repeats so a
 noisy neighbour hits every configuration alike. Our engine is measured loading from the
-ready tier and from the raw checkpoint; ``--compare transformers`` adds transformers'
-generate on the same checkpoint. A memory-bandwidth probe runs in the same invocation, so
-GB/s achieved is reported against what this box can read. The JSON schema is docs/bench.md.
+ready tier and from the raw checkpoint, and building the ready tier from nothing;
+``--compare transformers[-fp32]`` adds transformers' generate on the same checkpoint, and
+``--baseline OTHER`` measures a second checkpoint (e.g. the bf16 original of an int4 one) in
+the same loop, so every ratio an issue asks for comes out of one run. A memory-bandwidth
+probe runs in the same invocation, so GB/s achieved is reported against what this box can
+read. The JSON schema is docs/bench.md.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ from qwen_runner.errors import QwenRunnerError
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "qwen-runner-bench/1"
-OURS, TRANSFORMERS, PROBE = "qwen-runner", "transformers", "probe"
-COMPARABLE = (TRANSFORMERS,)
-METRICS = ("load_s", "start_to_first_token_s", "prefill_tps", "ttft_s", "decode_tps", "gbps", "peak_rss_bytes")
+SCHEMA = "qwen-runner-bench/2"
+OURS, TRANSFORMERS, PROBE, BUILD = "qwen-runner", "transformers", "probe", "build"
+MAIN, BASELINE = "main", "baseline"
+# --compare choices: the implementation and the dtype it runs in (None: the bench's dtype).
+COMPARE_CHOICES = {"transformers": (TRANSFORMERS, None), "transformers-fp32": (TRANSFORMERS, "fp32")}
+METRICS = ("load_s", "start_to_first_token_s", "prefill_tps", "ttft_s", "decode_tps", "gbps", "peak_rss_bytes",
+           "build_s")
+GENERATION_METRICS = ("decode_tps", "prefill_tps", "peak_rss_bytes", "start_to_first_token_s")
 WORKER_TIMEOUT_S = 1800
 
 
@@ -43,6 +50,22 @@ class BenchOptions:
     threads: list[int] = field(default_factory=lambda: [1])
     dtype: str = "auto"
     compare: tuple[str, ...] = ()
+    baseline: Path | None = None
+    measure_build: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration: which checkpoint, which engine, loaded from where, in which dtype."""
+
+    model: str  # MAIN or BASELINE
+    impl: str
+    source: str  # ready | raw | build | checkpoint
+    dtype: str
+
+    def label(self) -> str:
+        name = self.impl if self.model == MAIN else f"{self.impl} baseline"
+        return f"{name} ({self.source}, {self.dtype})"
 
 
 def _summary(values: list[float]) -> dict:
@@ -80,29 +103,48 @@ class Runner:
     def __init__(self, options: BenchOptions, cache_dir: Path, empty_cache: Path):
         self.options, self.cache_dir, self.empty_cache = options, cache_dir, empty_cache
 
-    def spawn(self, impl: str, threads: int, dtype: str, source: str | None = None) -> dict:
+    def model_path(self, model: str) -> Path:
+        return self.options.baseline if model == BASELINE else self.options.model
+
+    def spawn(self, impl: str, threads: int, dtype: str, source: str | None = None, model: str = MAIN) -> dict:
         opts = self.options
-        spec = {"impl": impl, "model": str(opts.model), "threads": threads, "dtype": dtype,
+        spec = {"impl": impl, "model": str(self.model_path(model)), "threads": threads, "dtype": dtype,
                 "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "started": time.time()}
-        env = {**os.environ, "QWEN_RUNNER_CACHE": str(self.empty_cache if source == "raw" else self.cache_dir)}
-        env.pop("OMP_NUM_THREADS", None)  # the worker sets its own before importing torch
-        proc = subprocess.run([sys.executable, "-m", "qwen_runner.bench_worker", json.dumps(spec)],
-                              env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        with tempfile.TemporaryDirectory(prefix="qwen-runner-bench-build-") as scratch:
+            # raw: an empty cache so nothing is found; build: a fresh one so everything is built.
+            cache = {"raw": self.empty_cache, BUILD: Path(scratch)}.get(source, self.cache_dir)
+            env = {**os.environ, "QWEN_RUNNER_CACHE": str(cache)}
+            env.pop("OMP_NUM_THREADS", None)  # the worker sets its own before importing torch
+            proc = subprocess.run([sys.executable, "-m", "qwen_runner.bench_worker", json.dumps(spec)],
+                                  env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise QwenRunnerError(f"bench worker ({impl}, {threads} threads) failed: {last}",
                                   "rerun with -v; `qwen-runner generate MODEL --prompt hi` checks the model alone")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        if impl != PROBE and source is not None and result["source"] != source:
+        if impl == OURS and source is not None and result["source"] != source:
             raise QwenRunnerError(f"expected to load from the {source} tier but loaded from {result['source']}")
         return result
 
-    def build_ready(self, dtype: str) -> None:
+    def build_ready(self, dtype: str, model: str = MAIN) -> None:
         env = {**os.environ, "QWEN_RUNNER_CACHE": str(self.cache_dir)}
-        proc = subprocess.run([sys.executable, "-m", "qwen_runner", "build-cache", str(self.options.model),
+        proc = subprocess.run([sys.executable, "-m", "qwen_runner", "build-cache", str(self.model_path(model)),
                                "--dtype", dtype], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise QwenRunnerError(f"could not build the ready tier: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def plan_configs(options: BenchOptions, dtype: str) -> list[Config]:
+    """Every configuration one repeat measures, in the order they are interleaved."""
+    configs = [Config(MAIN, OURS, "ready", dtype), Config(MAIN, OURS, "raw", dtype)]
+    if options.measure_build:
+        configs.append(Config(MAIN, BUILD, BUILD, dtype))
+    compares = [COMPARE_CHOICES[name] for name in options.compare]
+    configs += [Config(MAIN, impl, "checkpoint", cdtype or dtype) for impl, cdtype in compares]
+    if options.baseline is not None:
+        configs.append(Config(BASELINE, OURS, "ready", dtype))
+        configs += [Config(BASELINE, impl, "checkpoint", cdtype or dtype) for impl, cdtype in compares]
+    return configs
 
 
 def run_bench(options: BenchOptions, cache_dir: Path, progress=lambda message: None) -> dict:
@@ -110,37 +152,63 @@ def run_bench(options: BenchOptions, cache_dir: Path, progress=lambda message: N
     from qwen_runner.checkpoint import inspect_checkpoint
 
     spec = inspect_checkpoint(options.model)
+    if options.baseline is not None:
+        inspect_checkpoint(options.baseline)  # a bad baseline fails before anything is measured
     dtype = options.dtype if options.dtype != "auto" else precision.choose_dtype(hardware.detect_cpu().isa).dtype
     env = environment(dtype)
-    samples: dict[tuple[str, str, int], list[dict]] = {}
+    configs = plan_configs(options, dtype)
+    samples: dict[tuple[Config, int], list[dict]] = {}
     probes: dict[int, list[float]] = {t: [] for t in options.threads}
     with tempfile.TemporaryDirectory(prefix="qwen-runner-bench-") as empty:
         runner = Runner(options, cache_dir, Path(empty))
-        progress("building the ready tier (once)")
-        runner.build_ready(dtype)
-        plan = [(OURS, "ready"), (OURS, "raw")] + [(impl, "checkpoint") for impl in options.compare]
+        for model in {c.model for c in configs if c.impl == OURS and c.source == "ready"}:
+            progress(f"building the ready tier of the {model} model (once)")
+            runner.build_ready(dtype, model)
         for repeat in range(options.repeats):
             for threads in options.threads:
                 probes[threads].append(runner.spawn(PROBE, threads, dtype)["read_gbps"])
-                for impl, source in plan:
-                    progress(f"repeat {repeat + 1}/{options.repeats}: {impl} ({source}), {threads} thread(s)")
-                    result = runner.spawn(impl, threads, dtype, source if impl == OURS else None)
-                    samples.setdefault((impl, source, threads), []).append(result)
+                for config in configs:
+                    if config.impl == BUILD and threads != max(options.threads):
+                        continue  # one build per repeat, at the most threads
+                    progress(f"repeat {repeat + 1}/{options.repeats}: {config.label()}, {threads} thread(s)")
+                    result = runner.spawn(config.impl, threads, config.dtype, config.source, config.model)
+                    samples.setdefault((config, threads), []).append(result)
     env["load_average_end"] = list(os.getloadavg())
     return _report(options, spec, dtype, env, samples, probes)
+
+
+def _bytes_per_token(samples: dict, model: str, dtype: str) -> int | None:
+    """Weight bytes one token reads, as our engine reports it for this checkpoint in this dtype.
+
+    transformers reads the same weights per token, so its rows use the same number; a row in
+    another dtype (transformers fp32) scales by the element size, and an int4 checkpoint's
+    16-bit baseline has its own entry.
+    """
+    for (config, _), runs in samples.items():
+        if config.model == model and config.impl == OURS:
+            for run in runs:
+                if run.get("bytes_per_token"):
+                    ours = run["bytes_per_token"]
+                    if dtype != config.dtype and config.dtype in ELEMENT_BYTES and dtype in ELEMENT_BYTES:
+                        return ours * ELEMENT_BYTES[dtype] // ELEMENT_BYTES[config.dtype]
+                    return ours
+    return None
+
+
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _report(options, spec, dtype, env, samples, probes) -> dict:
     bandwidth = {str(t): _summary(v) for t, v in probes.items()}
     results = []
-    for (impl, source, threads), runs in samples.items():
-        # Both implementations read the same weights per token; ours knows how many (in-memory dtype).
-        bytes_per_token = next((r["bytes_per_token"] for _, rs in samples.items() for r in rs
-                                if r.get("bytes_per_token")), None)
-        row = {"impl": impl, "source": source, "threads": threads}
+    for (config, threads), runs in samples.items():
+        row = {"model": config.model, "impl": config.impl, "source": config.source, "dtype": config.dtype,
+               "threads": threads}
+        bytes_per_token = _bytes_per_token(samples, config.model, config.dtype)
         for metric in METRICS:
             if metric == "gbps":
-                values = [r["decode_tps"] * bytes_per_token / 1e9 for r in runs] if bytes_per_token else []
+                values = ([r["decode_tps"] * bytes_per_token / 1e9 for r in runs if r.get("decode_tps")]
+                          if bytes_per_token else [])
             else:
                 values = [r[metric] for r in runs if r.get(metric) is not None]
             row[metric] = _summary(values) if values else None
@@ -152,40 +220,49 @@ def _report(options, spec, dtype, env, samples, probes) -> dict:
         "complete": True,
         "model": str(options.model),
         "architecture": spec.config.architecture,
+        "baseline": str(options.baseline) if options.baseline else None,
         "config": {"prompt_tokens": options.prompt_tokens, "gen_tokens": options.gen_tokens,
                    "repeats": options.repeats, "threads": options.threads, "dtype": dtype,
                    "compare": list(options.compare)},
-        "active_bytes_per_token": next((r["bytes_per_token"] for rs in samples.values() for r in rs
-                                        if r.get("bytes_per_token")), spec.active_bytes_per_token),
+        "active_bytes_per_token": _bytes_per_token(samples, MAIN, dtype) or spec.active_bytes_per_token,
         "environment": env,
         "bandwidth_gbps": bandwidth,
         "results": results,
-        "ratios": _ratios(results, options.threads),
+        "ratios": _ratios(results, options.threads, dtype),
     }
 
 
-def _median(results, impl, source, threads, metric):
+def _median(results, threads, metric, *, model=MAIN, impl=OURS, source="ready", dtype=None):
     for row in results:
-        if (row["impl"], row["source"], row["threads"]) == (impl, source, threads) and row.get(metric):
+        if ((row["model"], row["impl"], row["source"], row["threads"]) == (model, impl, source, threads)
+                and (dtype is None or row["dtype"] == dtype) and row.get(metric)):
             return row[metric]["median"]
     return None
 
 
-def _ratios(results: list[dict], threads_list: list[int]) -> list[dict]:
+def _name(row: dict, main_dtype: str) -> str:
+    """How a ratio names a row: 'transformers', 'transformers fp32', 'qwen-runner baseline', ..."""
+    name = row["impl"] + (" baseline" if row["model"] == BASELINE else "")
+    return name if row["dtype"] == main_dtype else f"{name} {row['dtype']}"
+
+
+def _ratios(results: list[dict], threads_list: list[int], dtype: str) -> list[dict]:
+    """Start raw / ready, and our ready-tier speed on the main model over every other engine measured."""
     ratios = []
     for threads in threads_list:
-        raw = _median(results, OURS, "raw", threads, "start_to_first_token_s")
-        ready = _median(results, OURS, "ready", threads, "start_to_first_token_s")
+        raw = _median(results, threads, "start_to_first_token_s", source="raw")
+        ready = _median(results, threads, "start_to_first_token_s")
         if raw and ready:
             ratios.append({"threads": threads, "metric": "start_to_first_token_s", "what": "raw / ready",
                            "ratio": raw / ready})
-        for other in COMPARABLE:
-            for metric in ("decode_tps", "prefill_tps"):
-                ours_value = _median(results, OURS, "ready", threads, metric)
-                theirs = _median(results, other, "checkpoint", threads, metric)
-                if ours_value and theirs:
-                    ratios.append({"threads": threads, "metric": metric, "what": f"{OURS} / {other}",
-                                   "ratio": ours_value / theirs})
+        others = [r for r in results if r["threads"] == threads and r["source"] in ("checkpoint", "ready")
+                  and not (r["model"] == MAIN and r["impl"] == OURS)]
+        for metric in ("decode_tps", "prefill_tps"):
+            ours_value = _median(results, threads, metric)
+            for row in others:
+                if ours_value and row.get(metric):
+                    ratios.append({"threads": threads, "metric": metric, "what": f"{OURS} / {_name(row, dtype)}",
+                                   "ratio": ours_value / row[metric]["median"]})
     return ratios
 
 
@@ -209,9 +286,10 @@ def check_report(report: dict) -> list[str]:
                 problems.append(f"{row['impl']}/{row['source']}/{row['threads']} {metric}: not positive finite {nums}")
             elif not value["min"] <= value["median"] <= value["max"]:
                 problems.append(f"{row['impl']} {metric}: min <= median <= max does not hold")
-        for needed in ("decode_tps", "prefill_tps", "peak_rss_bytes", "start_to_first_token_s"):
-            if row.get(needed) is None:
-                problems.append(f"{row['impl']}/{row['source']} has no {needed}")
+        needed = ("build_s", "peak_rss_bytes") if row["source"] == BUILD else GENERATION_METRICS
+        for metric in needed:
+            if row.get(metric) is None:
+                problems.append(f"{row['impl']}/{row['source']} has no {metric}")
         if row.get("bandwidth_fraction") is not None and row["bandwidth_fraction"] > 1.5:
             problems.append(f"{row['impl']} reads {row['bandwidth_fraction']:.1f}x the probed bandwidth")
     return problems
@@ -226,18 +304,24 @@ def format_report(report: dict) -> str:
         f"torch {env['versions']['torch']} · matmul {env['matmul_kernel']} · load average "
         f"{env['load_average_start'][0]:.2f} -> {env['load_average_end'][0]:.2f}",
         "bandwidth probe: " + ", ".join(f"{t} thread(s) {v['median']:.1f} GB/s" for t, v in report["bandwidth_gbps"].items()),
-        f"{'thr':>3} {'impl':<13}{'source':<11}{'load s':>8}{'start->1st s':>13}{'prefill t/s':>12}"
-        f"{'TTFT s':>8}{'decode t/s':>11}{'GB/s':>7}{'of probe':>9}{'peak RSS':>10}",
     ]
+    if report.get("baseline"):
+        lines.append(f"baseline model: {report['baseline']}")
+    lines.append(f"{'thr':>3} {'impl':<25}{'source':<11}{'dtype':<6}{'load s':>8}{'start->1st s':>13}"
+                 f"{'prefill t/s':>12}{'TTFT s':>8}{'decode t/s':>11}{'GB/s':>7}{'of probe':>9}{'peak RSS':>10}")
 
     def med(row, metric, fmt):
         return format(row[metric]["median"], fmt) if row.get(metric) else "-"
 
-    for row in sorted(report["results"], key=lambda r: (r["threads"], r["impl"] != OURS, r["source"])):
+    order = {OURS: 0, BUILD: 1, TRANSFORMERS: 2}
+    for row in sorted(report["results"], key=lambda r: (r["threads"], r["model"] != MAIN, order.get(r["impl"], 3),
+                                                         r["source"], r["dtype"])):
         fraction = f"{row['bandwidth_fraction']:.0%}" if row.get("bandwidth_fraction") else "-"
         rss = f"{row['peak_rss_bytes']['median'] / (1 << 30):.2f} GiB" if row.get("peak_rss_bytes") else "-"
+        name = row["impl"] + (" (baseline)" if row["model"] == BASELINE else "")
+        load = med(row, "build_s" if row["source"] == BUILD else "load_s", ".2f")
         lines.append(
-            f"{row['threads']:>3} {row['impl']:<13}{row['source']:<11}{med(row, 'load_s', '.2f'):>8}"
+            f"{row['threads']:>3} {name:<25}{row['source']:<11}{row['dtype']:<6}{load:>8}"
             f"{med(row, 'start_to_first_token_s', '.2f'):>13}{med(row, 'prefill_tps', '.1f'):>12}"
             f"{med(row, 'ttft_s', '.3f'):>8}{med(row, 'decode_tps', '.1f'):>11}{med(row, 'gbps', '.1f'):>7}"
             f"{fraction:>9}{rss:>10}"
@@ -245,6 +329,8 @@ def format_report(report: dict) -> str:
         if row.get("decode_tps"):
             d = row["decode_tps"]
             lines[-1] += f"   decode [{d['min']:.1f}-{d['max']:.1f}]"
+    if any(r["source"] == BUILD for r in report["results"]):
+        lines.append("(build rows: `load s` is the build-cache time from the checkpoint to a complete ready tier)")
     for ratio in report["ratios"]:
         lines.append(f"ratio ({ratio['threads']} thread(s)) {ratio['metric']} {ratio['what']}: {ratio['ratio']:.2f}x")
     return "\n".join(lines)

@@ -103,7 +103,19 @@ def transformers_generate(spec: dict) -> dict:
     }
 
 
-WORKERS = {"probe": probe, "qwen-runner": ours, "transformers": transformers_generate}
+def build(spec: dict) -> dict:
+    """`build-cache` from the checkpoint to a complete ready tier, in the (empty) cache the parent gave."""
+    from qwen_runner.cache import build_cache
+
+    start = time.perf_counter()
+    result = build_cache(spec["model"], spec["dtype"], progress=False)
+    if not result.complete or result.kept:
+        raise SystemExit(f"expected a full build from an empty cache, got {result}")
+    return {"source": "build", "dtype": spec["dtype"], "build_s": time.perf_counter() - start,
+            "bytes_on_disk": result.bytes_on_disk}
+
+
+WORKERS = {"probe": probe, "qwen-runner": ours, "transformers": transformers_generate, "build": build}
 
 
 def main() -> None:

@@ -282,12 +282,18 @@ def _thread_list(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--threads", "thread_counts", callback=_thread_list, default=None,
               help="Thread counts to measure, e.g. 1,2 (default: the configured threads).")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
-@click.option("--compare", type=click.Choice(["transformers"]), multiple=True,
-              help="Also measure transformers' generate on the same checkpoint (separate processes, interleaved).")
+@click.option("--compare", type=click.Choice(["transformers", "transformers-fp32"]), multiple=True,
+              help="Also measure transformers' generate on the same checkpoint, in the bench dtype or in fp32 "
+                   "(separate processes, interleaved; repeatable).")
+@click.option("--baseline", "baseline", default=None,
+              help="A second checkpoint measured in the same loop (our ready tier and every --compare), e.g. the "
+                   "bf16 original of an int4 MODEL; ratios of MODEL against it are printed.")
+@click.option("--no-build", "skip_build", is_flag=True, help="Skip the build-cache measurement (time, peak RSS).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report (schema: docs/bench.md).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
 @_memory_guard("run", context_option=True)
-def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compare, as_json, output):
+def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compare, baseline, skip_build, as_json,
+          output):
     """Measure load time, prefill/decode tok/s, TTFT, peak RSS and GB/s (medians over fresh processes)."""
     from pathlib import Path
 
@@ -296,7 +302,8 @@ def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compa
     from qwen_runner.threads import active_config
 
     options = BenchOptions(resolve_model_dir(model), prompt_tokens, gen_tokens, repeats,
-                           thread_counts or [active_config().threads], dtype, tuple(compare))
+                           thread_counts or [active_config().threads], dtype, tuple(dict.fromkeys(compare)),
+                           resolve_model_dir(baseline) if baseline else None, measure_build=not skip_build)
     report = run_bench(options, S.load_settings().cache_dir, progress=lambda m: log.info("bench: %s", m))
     problems = check_report(report)
     if problems:

@@ -25,7 +25,8 @@ def bench_json(name: str, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def report():
-    return bench_json("tiny-qwen3-moe", "--compare", "transformers")
+    return bench_json("tiny-qwen3-moe", "--dtype", "bf16", "--compare", "transformers", "--compare", "transformers-fp32",
+                      "--baseline", str(model_path("tiny-qwen2-moe")))
 
 
 def test_report_schema_and_sanity(report):
@@ -39,16 +40,45 @@ def test_report_schema_and_sanity(report):
 
 
 def test_every_configuration_is_measured(report):
-    rows = {(r["impl"], r["source"]): r for r in report["results"]}
-    assert set(rows) == {("qwen-runner", "ready"), ("qwen-runner", "raw"), ("transformers", "checkpoint")}
-    ours = rows[("qwen-runner", "ready")]
+    dtype = report["config"]["dtype"]
+    rows = {(r["model"], r["impl"], r["source"], r["dtype"]): r for r in report["results"]}
+    assert set(rows) == {
+        ("main", "qwen-runner", "ready", dtype), ("main", "qwen-runner", "raw", dtype), ("main", "build", "build", dtype),
+        ("main", "transformers", "checkpoint", dtype), ("main", "transformers", "checkpoint", "fp32"),
+        ("baseline", "qwen-runner", "ready", dtype), ("baseline", "transformers", "checkpoint", dtype),
+        ("baseline", "transformers", "checkpoint", "fp32"),
+    }
+    assert report["baseline"].endswith("tiny-qwen2-moe")
+    ours = rows[("main", "qwen-runner", "ready", dtype)]
     # consistency: the first token comes after loading, prefill is part of TTFT
     assert ours["start_to_first_token_s"]["median"] > ours["load_s"]["median"]
     assert ours["gbps"]["median"] > 0 and 0 < ours["bandwidth_fraction"] < 1.5
     assert ours["peak_rss_bytes"]["median"] > 100 << 20
     metrics = {(r["metric"], r["what"]) for r in report["ratios"]}
-    assert ("decode_tps", "qwen-runner / transformers") in metrics
+    for other in ("transformers", "transformers fp32", "qwen-runner baseline", "transformers baseline",
+                  "transformers baseline fp32"):
+        assert ("decode_tps", f"qwen-runner / {other}") in metrics
     assert ("start_to_first_token_s", "raw / ready") in metrics
+
+
+def test_build_row_measures_a_full_build(report):
+    """The build row is a fresh build-cache from an empty cache: its time and peak RSS, nothing generated."""
+    build = next(r for r in report["results"] if r["source"] == "build")
+    assert build["build_s"]["median"] > 0 and build["peak_rss_bytes"]["median"] > 100 << 20
+    assert build["decode_tps"] is None and build["gbps"] is None
+
+
+def test_fp32_row_reads_twice_the_bytes(report):
+    """GB/s of a transformers fp32 row counts fp32 weights: bytes/token twice our bf16 ones."""
+    rows = {(r["model"], r["impl"], r["dtype"]): r for r in report["results"] if r["source"] != "build"}
+    fp32 = rows[("main", "transformers", "fp32")]
+    assert fp32["gbps"]["median"] == pytest.approx(
+        fp32["decode_tps"]["median"] * 2 * report["active_bytes_per_token"] / 1e9, rel=1e-6)
+
+
+def test_bad_baseline_is_one_line(cli):
+    result = cli("bench", str(model_path("tiny-qwen3-moe")), "--baseline", "/no/such/model", *QUICK)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "/no/such/model" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-qwen3-next"])
