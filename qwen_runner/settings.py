@@ -17,6 +17,7 @@ ENV_CACHE = "QWEN_RUNNER_CACHE"
 ENV_THREADS = "QWEN_RUNNER_THREADS"
 ENV_WAIT_POLICY = "QWEN_RUNNER_OMP_WAIT_POLICY"
 ENV_MEMORY_BUDGET = "QWEN_RUNNER_MEMORY_BUDGET"
+ENV_KERNELS = "QWEN_RUNNER_KERNELS"
 
 # OpenMP's own variables, which we set before torch is imported.
 OMP_NUM_THREADS = "OMP_NUM_THREADS"
@@ -64,6 +65,23 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         wait_policy=wait_policy,
         memory_budget=env.get(ENV_MEMORY_BUDGET) or None,
     )
+
+# C++ decode kernels (qwen_runner/kernels): auto = on where the CPU has AVX512-BF16; portable = the
+# plain-loop C++ path on any CPU (tests); off = ATen only.
+KERNEL_MODES = ("auto", "off", "portable")
+DEFAULT_KERNEL_MODE = "auto"
+# A one-row GEMV (or fused MoE call) gets another OpenMP thread per this many weight bytes; below it
+# the team wake-up costs more than the second thread saves (docs/models.md, C++ kernels).
+KERNEL_MIN_BYTES_PER_THREAD = 1 * 2**20
+
+
+def kernel_mode(env: dict[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    mode = env.get(ENV_KERNELS, DEFAULT_KERNEL_MODE).lower()
+    if mode not in KERNEL_MODES:
+        raise QwenRunnerError(f"{ENV_KERNELS}={mode!r} is not one of {', '.join(KERNEL_MODES)}")
+    return mode
+
 
 # Generation defaults (chat, generate, bench).
 DEFAULT_MAX_CONTEXT = 4096  # tokens the KV/state cache is allocated for unless --max-context says otherwise

@@ -27,6 +27,8 @@ def private_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen-runner-cache")
     previous = os.environ.get("QWEN_RUNNER_CACHE")
     os.environ["QWEN_RUNNER_CACHE"] = str(path)
+    # The C++ kernels compile once per checkout (~1-2 min), not once per test session.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".pytest_cache" / "torch_extensions"))
     yield path
     if previous is None:
         os.environ.pop("QWEN_RUNNER_CACHE", None)

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen_runner import kernels
 from qwen_runner.errors import ContextOverflowError
 
 __all__ = [
     "RMSNorm", "rms_norm", "RotaryEmbedding", "apply_rotary", "KVCache", "attend", "Attention",
     "apply_rotary_signed", "route", "DenseMLP", "StackedExperts", "SparseMoE", "swiglu", "causal_mask",
-    "matmul_backend", "gemv_threads", "thread_limit", "CausalLM", "grouped_by_expert",
+    "matmul_backend", "gemv_threads", "thread_limit", "CausalLM", "grouped_by_expert", "linear", "Linear",
 ]
 
 
@@ -78,6 +79,28 @@ def thread_limit(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except one bf16 row (decode) goes through our C++ GEMV when it is active.
+
+    The kernel reads the weight at ~1.5x ATen's one-row speed (docs/models.md); anything it
+    does not cover (other dtypes, many rows, a packed or strided weight, no kernel) is F.linear.
+    Every architecture's one-row linears go through here (or ``Linear``): keep the signature.
+    """
+    if (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.dim() == 2 and x.shape[0] == 1
+            and weight.is_contiguous()):
+        y = kernels.linear(x, weight, bias)
+        if y is not None:
+            return y
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is ``linear`` (same parameters and state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 # --------------------------------------------------------------------------- norms
@@ -294,8 +317,8 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
         self.scale = head_dim ** -0.5
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=False)
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, hidden, bias=False)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
@@ -336,7 +359,7 @@ class DenseMLP(nn.Module):
         self.w2 = nn.Parameter(torch.empty(hidden, intermediate), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(swiglu(F.linear(x, self.w13)), self.w2)
+        return linear(swiglu(linear(x, self.w13)), self.w2)
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
@@ -345,7 +368,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
 
     Returns ``(weights [T, k]`` in x's dtype, ``experts [T, k]`` int64).
     """
-    logits = F.linear(x, router_weight)
+    logits = linear(x, router_weight)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, experts = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
@@ -386,6 +409,14 @@ class StackedExperts(nn.Module):
         return self.prefill(x, weights, experts)
 
     def decode(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """One token: in bf16 one fused C++ call (``kernels.moe``) when active, else ``decode_aten``."""
+        if x.dtype is torch.bfloat16 and self.w13.dtype is torch.bfloat16 and self.w13.is_contiguous():
+            y = kernels.moe(x, self.w13, self.w2, experts[0], weights[0])
+            if y is not None:
+                return y
+        return self.decode_aten(x, weights, experts)
+
+    def decode_aten(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """One token: k gate/up GEMVs into one buffer, one SwiGLU, k down GEMVs, one weighted sum.
 
         Each expert is read through a view of the stack (no gather copy). Batching the
@@ -444,10 +475,10 @@ class SparseMoE(nn.Module):
                  shared_intermediate: int | None = None):
         super().__init__()
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate = Linear(hidden, num_experts, bias=False)
         self.experts = StackedExperts(num_experts, hidden, intermediate)
         self.shared_expert = DenseMLP(hidden, shared_intermediate) if shared_intermediate else None
-        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_intermediate else None
+        self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_intermediate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(x, self.gate.weight, self.top_k, self.norm_topk_prob)

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qwen_runner import kernels
 from qwen_runner.errors import UnsupportedModelError
 from qwen_runner.models.layers import (
-    Attention, CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, gemv_threads, matmul_backend,
-    thread_limit,
+    Attention, CausalLM, DenseMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, SparseMoE, gemv_threads,
+    matmul_backend, thread_limit,
 )
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class Model(CausalLM):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, sparse) for sparse in args.sparse_layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta)
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK
         self.native_matmul_max_tokens = NATIVE_MATMUL_MAX_TOKENS
@@ -190,6 +191,9 @@ class Model(CausalLM):
                 if isinstance(mlp, SparseMoE):
                     experts = mlp.experts.w13.shape[0]
                     sizes += [mlp.experts.w13.nbytes // experts, mlp.experts.w2.nbytes // experts]
+                    if self.dtype is torch.bfloat16 and kernels.active():
+                        # the fused C++ MoE op reads the top-k experts in one call
+                        sizes.append((mlp.experts.w13.nbytes + mlp.experts.w2.nbytes) * mlp.top_k // experts)
                     if mlp.shared_expert is not None:
                         sizes += [mlp.shared_expert.w13.nbytes, mlp.shared_expert.w2.nbytes]
                 else:

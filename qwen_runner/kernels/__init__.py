@@ -1,0 +1,154 @@
+"""Our C++ decode kernels (gemv.cpp): a one-row bf16 GEMV and a fused one-token MoE.
+
+Why: torch's one-row bf16 matmul reads weights at about half the memory bandwidth and a MoE
+layer costs ~2k+5 dispatched ops per token (docs/models.md has the microbenchmark). The
+extension is JIT-compiled once with torch.utils.cpp_extension (gcc + ninja) into the
+qwen-runner cache (or ``$TORCH_EXTENSIONS_DIR``) on first use and reused afterwards.
+
+It is used only where it is fast: bf16, one row, a CPU with AVX512-BF16 (``auto``). Anything
+else (no compiler, no ninja, a failed build, an error on a call) leaves the ATen path in charge
+with one logged warning; importing this module never compiles and never fails.
+``$QWEN_RUNNER_KERNELS``: ``auto`` (default), ``off``, or ``portable`` (the plain-loop C++ path,
+for tests on any CPU). Callers go through ``models.layers.linear`` / ``StackedExperts.decode``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_runner import hardware
+from qwen_runner.settings import KERNEL_MIN_BYTES_PER_THREAD, kernel_mode, load_settings
+
+log = logging.getLogger(__name__)
+
+NAME = "qwen_runner_gemv"
+SOURCE = Path(__file__).with_name("gemv.cpp")
+_CFLAGS = ["-O3", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch already loaded (same soname)
+
+_UNTRIED = object()
+_ops = _UNTRIED  # the loaded extension, or None when it is not in use
+_avx512 = False
+_state: dict = {"active": False, "kernel": "aten", "reason": "not loaded yet (loads on first bf16 decode)"}
+
+
+def build_dir() -> Path:
+    """``$TORCH_EXTENSIONS_DIR/<name>`` if set, else ``<cache>/extensions/<name>-torch<version>``."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root) / NAME
+    return load_settings().cache_dir / "extensions" / f"{NAME}-torch{torch.__version__}"
+
+
+def _decide() -> tuple[bool, str | None]:
+    """(use the AVX512 path, reason not to load at all or None)."""
+    mode = kernel_mode()
+    if mode == "off":
+        return False, "off ($QWEN_RUNNER_KERNELS=off)"
+    if mode == "portable":
+        return False, None
+    if not hardware.detect_cpu().has("avx512_bf16"):
+        return False, "CPU lacks avx512_bf16: ATen's GEMV is faster than the portable C++ loops"
+    return True, None
+
+
+def _load():
+    global _avx512
+    avx512, skip = _decide()
+    if skip:
+        _state.update(active=False, kernel="aten", reason=skip)
+        return None
+    start = time.perf_counter()
+    try:
+        from torch.utils import cpp_extension
+
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
+                                    build_directory=str(directory), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: keep ATen
+        log.warning("C++ decode kernels unavailable, using ATen matmuls: %s", _one_line(exc))
+        _state.update(active=False, kernel="aten", reason=f"build failed: {_one_line(exc)}")
+        return None
+    seconds = time.perf_counter() - start
+    _avx512 = avx512
+    kernel = "C++ AVX512-BF16 GEMV" if avx512 else "C++ portable GEMV"
+    _state.update(active=True, kernel=kernel, reason=f"loaded in {seconds:.1f} s from {directory}",
+                  load_seconds=round(seconds, 2))
+    log.info("%s loaded in %.1f s (build dir %s)", kernel, seconds, directory)
+    return module
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def ops():
+    """The extension module, loading (and if needed compiling) it on the first call; None if not in use."""
+    global _ops
+    if _ops is _UNTRIED:
+        _ops = _load()
+    return _ops
+
+
+def active() -> bool:
+    return ops() is not None
+
+
+def status() -> dict:
+    """What ``info`` shows, without compiling: the kernel in use (or planned) and why."""
+    if _ops is _UNTRIED:
+        avx512, skip = _decide()
+        if skip:
+            return {"active": False, "kernel": "aten", "reason": skip}
+        built = any(build_dir().glob(f"{NAME}*.so")) if build_dir().is_dir() else False
+        kernel = "C++ AVX512-BF16 GEMV" if avx512 else "C++ portable GEMV"
+        return {"active": None, "kernel": kernel,
+                "reason": "built, loads on first bf16 decode" if built else "compiles on first bf16 decode"}
+    return dict(_state)
+
+
+def _disable(exc: BaseException) -> None:
+    global _ops
+    _ops = None
+    log.warning("C++ decode kernel failed, using ATen matmuls from now on: %s", _one_line(exc))
+    _state.update(active=False, kernel="aten", reason=f"disabled after an error: {_one_line(exc)}")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``x [1, K] @ weight.T (+ bias)`` in bf16 by the C++ GEMV; None when the caller must use ATen."""
+    op = ops() if _ops is _UNTRIED else _ops
+    if op is None:
+        return None
+    try:
+        return op.linear(x, weight, bias, _avx512, KERNEL_MIN_BYTES_PER_THREAD)
+    except RuntimeError as exc:
+        _disable(exc)
+        return None
+
+
+def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, experts: torch.Tensor,
+        weights: torch.Tensor) -> torch.Tensor | None:
+    """One token through its k stacked experts (see gemv.cpp ``moe``); None when the caller must use ATen."""
+    op = ops() if _ops is _UNTRIED else _ops
+    if op is None:
+        return None
+    try:
+        return op.moe(x, w13, w2, experts, weights, _avx512, KERNEL_MIN_BYTES_PER_THREAD)
+    except RuntimeError as exc:
+        _disable(exc)
+        return None
+
+
+def reset() -> None:
+    """Forget the load decision (tests switch ``$QWEN_RUNNER_KERNELS`` between runs)."""
+    global _ops
+    _ops = _UNTRIED
+    _state.clear()
+    _state.update(active=False, kernel="aten", reason="not loaded yet (loads on first bf16 decode)")

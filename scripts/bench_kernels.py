@@ -1,0 +1,99 @@
+"""Microbenchmark: one-row bf16 GEMV, ATen (oneDNN off, as decode runs) vs oneDNN vs our C++ kernel.
+
+Prints weight GB/s per op at 1 and 2 threads, interleaved rounds, medians (the dev box is shared:
+compare ratios within a run, not absolute numbers across runs). Also times the fused MoE op
+against the ATen per-expert path of ``StackedExperts.decode`` on the bench-model shape.
+
+    python scripts/bench_kernels.py [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from qwen_runner import kernels
+from qwen_runner.models.layers import StackedExperts, matmul_backend
+
+SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024), (151936, 1024)]  # (out rows N, in K)
+
+
+def per_call(fn, min_seconds: float = 0.15) -> float:
+    fn()
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    ops = kernels.ops()
+    if ops is None:
+        raise SystemExit(f"kernel not active: {kernels.status()['reason']}")
+    torch.manual_seed(0)
+    print(f"kernel: {kernels.status()['kernel']}")
+    print(f"{'op':<26}{'threads':>8}{'ATen GB/s':>11}{'oneDNN GB/s':>13}{'ours GB/s':>11}{'ours/ATen':>11}")
+    for n, k in SHAPES:
+        x, w = torch.randn(1, k).bfloat16(), torch.randn(n, k).bfloat16()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results = {"aten": [], "onednn": [], "ours": []}
+
+            def aten():
+                with matmul_backend(onednn=False):
+                    torch.nn.functional.linear(x, w)
+
+            def onednn():
+                with matmul_backend(onednn=True):
+                    torch.nn.functional.linear(x, w)
+
+            def ours():
+                kernels.linear(x, w, None)
+
+            for _ in range(args.rounds):
+                for name, fn in (("aten", aten), ("onednn", onednn), ("ours", ours)):
+                    results[name].append(w.nbytes / per_call(fn) / 1e9)
+            med = {name: statistics.median(v) for name, v in results.items()}
+            print(f"{f'GEMV {n}x{k}':<26}{threads:>8}{med['aten']:>11.1f}{med['onednn']:>13.1f}{med['ours']:>11.1f}"
+                  f"{med['ours'] / med['aten']:>10.2f}x")
+    # fused MoE: bench-qwen3-moe shape (E 64, top-8, H 1024, I 512)
+    experts = StackedExperts(64, 1024, 512)
+    with torch.no_grad():
+        experts.w13.copy_(torch.randn_like(experts.w13) * 0.02)
+        experts.w2.copy_(torch.randn_like(experts.w2) * 0.02)
+    experts.bfloat16()
+    x = torch.randn(1, 1024).bfloat16()
+    weights = torch.softmax(torch.randn(1, 8), -1).bfloat16()
+    chosen = torch.randperm(64)[:8].view(1, 8)
+    nbytes = 8 * 3 * 1024 * 512 * 2
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results = {"aten": [], "ours": []}
+
+        def aten_moe():
+            with matmul_backend(onednn=False):
+                experts.decode_aten(x, weights, chosen)
+
+        def ours_moe():
+            kernels.moe(x, experts.w13, experts.w2, chosen[0], weights[0])
+
+        for _ in range(args.rounds):
+            results["aten"].append(nbytes / per_call(aten_moe) / 1e9)
+            results["ours"].append(nbytes / per_call(ours_moe) / 1e9)
+        med = {name: statistics.median(v) for name, v in results.items()}
+        print(f"{'MoE 8 of 64 (1024, 512)':<26}{threads:>8}{med['aten']:>11.1f}{'-':>13}{med['ours']:>11.1f}"
+              f"{med['ours'] / med['aten']:>10.2f}x")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()

@@ -1,0 +1,202 @@
+"""The C++ decode kernels (qwen_runner/kernels): results vs fp32 references, and the ATen fallback.
+
+Both code paths of gemv.cpp are checked where the CPU allows: the AVX512-BF16 one and the portable
+loops (any CPU). Tolerances are bf16's: the kernel accumulates in fp32 and rounds once, so its
+error against an fp32 reference is about one bf16 ulp of the output (2^-8 relative) plus the
+intermediate roundings the torch path also makes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen_runner import hardware, kernels
+from qwen_runner.models import layers
+from qwen_runner.models.layers import StackedExperts, linear, swiglu
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler")
+
+AVX512 = hardware.detect_cpu().has("avx512_bf16")
+PATHS = [False, True] if AVX512 else [False]
+ODD_LINEAR_SHAPES = [(1, 1), (5, 33), (7, 17), (37, 1000), (130, 96), (257, 1024), (1024, 1024)]
+
+
+@pytest.fixture
+def ops(monkeypatch):
+    """The extension, loaded in ``auto`` mode here or ``portable`` where the CPU lacks AVX512-BF16."""
+    monkeypatch.setenv("QWEN_RUNNER_KERNELS", "auto" if AVX512 else "portable")
+    kernels.reset()
+    module = kernels.ops()
+    assert module is not None, kernels.status()
+    yield module
+    kernels.reset()
+
+
+def _bf16(*shape, scale=1.0):
+    return (torch.randn(*shape) * scale).bfloat16()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize("avx512", PATHS)
+@pytest.mark.parametrize("rows,cols", ODD_LINEAR_SHAPES)
+def test_linear_matches_fp32_reference(ops, avx512, rows, cols):
+    torch.manual_seed(rows * 1000 + cols)
+    x, w, b = _bf16(1, cols), _bf16(rows, cols), _bf16(rows)
+    want = x.float() @ w.float().T
+    got = ops.linear(x, w, None, avx512, 1 << 20)
+    assert got.shape == (1, rows) and got.dtype == torch.bfloat16
+    assert _rel_err(got, want) <= 2 ** -7
+    got_b = ops.linear(x, w, b, avx512, 1 << 20)
+    assert _rel_err(got_b, want + b.float()) <= 2 ** -7
+
+
+@pytest.mark.parametrize("avx512", PATHS)
+def test_linear_threads_split_rows_without_changing_results(ops, avx512):
+    torch.manual_seed(1)
+    x, w = _bf16(1, 1000), _bf16(1030, 1000)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.linear(x, w, None, avx512, 1)
+        torch.set_num_threads(2)
+        two = ops.linear(x, w, None, avx512, 1)  # 1 byte per thread: always splits
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)
+
+
+def _experts(num, hidden, inter, seed=0) -> StackedExperts:
+    torch.manual_seed(seed)
+    experts = StackedExperts(num, hidden, inter)
+    experts.w13 = torch.nn.Parameter(_bf16(num, 2 * inter, hidden, scale=0.1), requires_grad=False)
+    experts.w2 = torch.nn.Parameter(_bf16(num, hidden, inter, scale=0.1), requires_grad=False)
+    return experts
+
+
+def _moe_fp32(experts: StackedExperts, x, weights, chosen) -> torch.Tensor:
+    out = torch.zeros(1, x.shape[1])
+    for w, e in zip(weights[0].float(), chosen[0].tolist()):
+        out += w * (swiglu(x.float() @ experts.w13[e].float().T) @ experts.w2[e].float().T)
+    return out
+
+
+@pytest.mark.parametrize("avx512", PATHS)
+@pytest.mark.parametrize("num,top_k,hidden,inter", [(8, 1, 96, 40), (8, 8, 100, 36), (6, 2, 1024, 512),
+                                                     (4, 4, 33, 17)])
+def test_moe_matches_fp32_reference_and_aten_path(ops, avx512, num, top_k, hidden, inter):
+    experts = _experts(num, hidden, inter, seed=num + top_k + hidden)
+    x = _bf16(1, hidden)
+    weights = torch.softmax(torch.randn(1, top_k), -1).bfloat16()
+    chosen = torch.randperm(num)[:top_k].view(1, top_k)
+    want = _moe_fp32(experts, x, weights, chosen)
+    got = ops.moe(x, experts.w13, experts.w2, chosen[0], weights[0], avx512, 1 << 20)
+    assert got.shape == (1, hidden) and got.dtype == torch.bfloat16
+    aten = experts.decode_aten(x, weights, chosen)
+    # same roundings of the intermediates as the ATen path; a final fp32 sum instead of bf16 partials
+    assert _rel_err(got, want) <= 2 ** -5
+    assert _rel_err(got, aten.float()) <= 2 ** -5
+    assert _rel_err(aten, want) <= 2 ** -4  # the reference is itself right to that level
+
+
+@pytest.mark.parametrize("avx512", PATHS)
+def test_moe_threads_do_not_change_results(ops, avx512):
+    experts = _experts(8, 100, 36)
+    x, weights, chosen = _bf16(1, 100), torch.rand(1, 3).bfloat16(), torch.tensor([[5, 0, 7]])
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.moe(x, experts.w13, experts.w2, chosen[0], weights[0], avx512, 1)
+        torch.set_num_threads(2)
+        two = ops.moe(x, experts.w13, experts.w2, chosen[0], weights[0], avx512, 1)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)
+
+
+def test_moe_rejects_bad_expert_index(ops):
+    experts = _experts(4, 32, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.moe(_bf16(1, 32), experts.w13, experts.w2, torch.tensor([4]), torch.ones(1), False, 1 << 20)
+
+
+def test_layers_use_the_kernel_for_one_bf16_row_only(ops, monkeypatch):
+    calls = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    w = _bf16(24, 40)
+    linear(_bf16(1, 40), w)
+    linear(_bf16(3, 40), w)  # prefill rows: F.linear
+    linear(torch.randn(1, 40), w.float())  # fp32: F.linear
+    linear(_bf16(1, 40), w.t().contiguous().t())  # strided weight: F.linear
+    assert calls == [(1, 40)]
+
+
+class _Broken:
+    def __init__(self):
+        self.calls = 0
+
+    def linear(self, *args):
+        self.calls += 1
+        raise RuntimeError("simulated kernel failure")
+
+    moe = linear
+
+
+def test_fallback_to_aten_when_the_kernel_raises(monkeypatch, caplog):
+    broken = _Broken()
+    monkeypatch.setattr(kernels, "_ops", broken)
+    x, w = _bf16(1, 40), _bf16(24, 40)
+    with caplog.at_level(logging.WARNING, logger="qwen_runner.kernels"):
+        first = linear(x, w)
+        second = linear(x, w)
+    assert torch.equal(first, F.linear(x, w)) and torch.equal(second, first)
+    assert broken.calls == 1  # disabled after the first error
+    assert [r.message for r in caplog.records if "failed" in r.message] and len(caplog.records) == 1
+    assert kernels.status()["active"] is False and "simulated" in kernels.status()["reason"]
+    experts = _experts(4, 40, 16)
+    weights, chosen = torch.ones(1, 2).bfloat16(), torch.tensor([[1, 3]])
+    assert torch.equal(experts.decode(x, weights, chosen), experts.decode_aten(x, weights, chosen))
+    kernels.reset()
+
+
+def test_fused_moe_fallback_when_it_raises(monkeypatch):
+    monkeypatch.setattr(kernels, "_ops", _Broken())
+    experts = _experts(4, 40, 16)
+    x, weights, chosen = _bf16(1, 40), torch.ones(1, 2).bfloat16(), torch.tensor([[1, 3]])
+    assert torch.equal(experts.decode(x, weights, chosen), experts.decode_aten(x, weights, chosen))
+    kernels.reset()
+
+
+def test_off_mode_never_builds(monkeypatch):
+    monkeypatch.setenv("QWEN_RUNNER_KERNELS", "off")
+    kernels.reset()
+    assert kernels.ops() is None
+    assert kernels.status()["kernel"] == "aten"
+    x, w = _bf16(1, 40), _bf16(24, 40)
+    assert torch.equal(layers.linear(x, w), F.linear(x, w))
+    kernels.reset()
+
+
+def test_build_failure_keeps_aten(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Error building extension 'qwen_runner_gemv'")
+
+    monkeypatch.setenv("QWEN_RUNNER_KERNELS", "portable")
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    kernels.reset()
+    with caplog.at_level(logging.WARNING, logger="qwen_runner.kernels"):
+        assert kernels.ops() is None
+    assert "unavailable" in caplog.text
+    assert kernels.status()["active"] is False
+    kernels.reset()
