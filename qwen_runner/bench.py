@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_runner import __version__, hardware, precision
+from qwen_runner import __version__, hardware, kernels, precision
 from qwen_runner.errors import QwenRunnerError
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Runner:
 
     def __init__(self, options: BenchOptions, cache_dir: Path, empty_cache: Path):
         self.options, self.cache_dir, self.empty_cache = options, cache_dir, empty_cache
+        self.kernels_root = kernels.extensions_root()
 
     def model_path(self, model: str) -> Path:
         return self.options.baseline if model == BASELINE else self.options.model
@@ -113,7 +114,8 @@ class Runner:
         with tempfile.TemporaryDirectory(prefix="qwen-runner-bench-build-") as scratch:
             # raw: an empty cache so nothing is found; build: a fresh one so everything is built.
             cache = {"raw": self.empty_cache, BUILD: Path(scratch)}.get(source, self.cache_dir)
-            env = {**os.environ, "QWEN_RUNNER_CACHE": str(cache)}
+            # one build of the C++ kernels for all workers, whatever cache each one uses
+            env = {**os.environ, "QWEN_RUNNER_CACHE": str(cache), "TORCH_EXTENSIONS_DIR": str(self.kernels_root)}
             env.pop("OMP_NUM_THREADS", None)  # the worker sets its own before importing torch
             proc = subprocess.run([sys.executable, "-m", "qwen_runner.bench_worker", json.dumps(spec)],
                                   env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)

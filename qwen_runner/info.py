@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-from qwen_runner import __version__, hardware, precision
+from qwen_runner import __version__, hardware, kernels, precision
 from qwen_runner.backends import backend_statuses
 from qwen_runner.settings import load_settings
 from qwen_runner.threads import active_config
@@ -61,6 +61,7 @@ def collect_info() -> dict:
             "fallback_chain": list(precision.CHAIN[precision.CHAIN.index(choice.dtype):]),
             "matmul_kernel": precision.matmul_kernel(choice.dtype, cpu.isa),
             "int4_kernel": int4_kernel(),
+            "decode_kernel": kernels.status(),
         },
         "cache_dir": str(load_settings().cache_dir),
     }
@@ -98,6 +99,8 @@ def format_info(info: dict) -> str:
         f"dtype     {comp['dtype']} - {comp['reason']} (fallback chain: {' -> '.join(comp['fallback_chain'])})",
         f"kernels   matmul: {comp['matmul_kernel']}; int4: {int4['name']} "
         f"({'available' if int4['available'] else 'missing'})",
+        f"decode    one-row bf16 matmuls + fused MoE: {comp['decode_kernel']['kernel']} "
+        f"- {comp['decode_kernel']['reason']}",
         f"cache     {info['cache_dir']}",
     ]
     return "\n".join(lines)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from importlib import metadata
 from pathlib import Path
-
-import torch
 
 from qwen_runner import hardware
 from qwen_runner.settings import KERNEL_MIN_BYTES_PER_THREAD, kernel_mode, load_settings
@@ -34,15 +33,23 @@ _LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch already loaded (same so
 _UNTRIED = object()
 _ops = _UNTRIED  # the loaded extension, or None when it is not in use
 _avx512 = False
-_state: dict = {"active": False, "kernel": "aten", "reason": "not loaded yet (loads on first bf16 decode)"}
+_state: dict = {"active": False, "kernel": "aten", "reason": "not loaded yet (loads with the first bf16 model)"}
+
+
+def extensions_root() -> Path:
+    """``$TORCH_EXTENSIONS_DIR`` if set, else ``<cache>/extensions/torch-<version>`` (a build per torch).
+
+    Processes that point ``$QWEN_RUNNER_CACHE`` at a scratch cache (bench workers) get this root
+    passed in ``$TORCH_EXTENSIONS_DIR`` so they reuse the build instead of compiling again.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    return load_settings().cache_dir / "extensions" / f"torch-{metadata.version('torch')}"
 
 
 def build_dir() -> Path:
-    """``$TORCH_EXTENSIONS_DIR/<name>`` if set, else ``<cache>/extensions/<name>-torch<version>``."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        return Path(root) / NAME
-    return load_settings().cache_dir / "extensions" / f"{NAME}-torch{torch.__version__}"
+    return extensions_root() / NAME
 
 
 def _decide() -> tuple[bool, str | None]:
@@ -110,7 +117,7 @@ def status() -> dict:
         built = any(build_dir().glob(f"{NAME}*.so")) if build_dir().is_dir() else False
         kernel = "C++ AVX512-BF16 GEMV" if avx512 else "C++ portable GEMV"
         return {"active": None, "kernel": kernel,
-                "reason": "built, loads on first bf16 decode" if built else "compiles on first bf16 decode"}
+                "reason": "built; loads with the first bf16 model" if built else "compiles (once) with the first bf16 model"}
     return dict(_state)
 
 
@@ -151,4 +158,4 @@ def reset() -> None:
     global _ops
     _ops = _UNTRIED
     _state.clear()
-    _state.update(active=False, kernel="aten", reason="not loaded yet (loads on first bf16 decode)")
+    _state.update(active=False, kernel="aten", reason="not loaded yet (loads with the first bf16 model)")

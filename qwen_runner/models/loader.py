@@ -178,6 +178,10 @@ def build_model(config: dict, state: Iterable[tuple[str, torch.Tensor]]) -> torc
         raise CheckpointError(f"parameters never loaded: {left_on_meta[:3]}")
     model.requires_grad_(False)
     model.eval()
+    if getattr(model, "dtype", None) is torch.bfloat16:
+        from qwen_runner import kernels
+
+        kernels.ops()  # build/load the C++ decode kernels now, not inside the first timed decode step
     return model
 
 
