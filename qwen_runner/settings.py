@@ -71,8 +71,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
 KERNEL_MODES = ("auto", "off", "portable")
 DEFAULT_KERNEL_MODE = "auto"
 # A one-row GEMV (or fused MoE call) gets another OpenMP thread per this many weight bytes; below it
-# the team wake-up costs more than the second thread saves (docs/models.md, C++ kernels).
-KERNEL_MIN_BYTES_PER_THREAD = 1 * 2**20
+# the team wake-up and barrier cost more than the second thread saves. Same value as ATen's decode
+# policy (layers.MIN_GEMV_BYTES_PER_THREAD, docs/models.md): 2 MB GEMVs did not gain from 2 threads.
+KERNEL_MIN_BYTES_PER_THREAD = 4 * 2**20
 
 
 def kernel_mode(env: dict[str, str] | None = None) -> str:

@@ -18,17 +18,21 @@ import torch
 from qwen_runner import kernels
 from qwen_runner.models.layers import StackedExperts, matmul_backend
 
-SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024), (151936, 1024)]  # (out rows N, in K)
+SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024), (151936, 1024)]  # 1024x4096: an expert's w13 at I=2048  # (out rows N, in K)
 
 
-def per_call(fn, min_seconds: float = 0.15) -> float:
-    fn()
+COLD_BYTES = 256 * 2**20  # weights cycled per op: more than any L3 here, so every call reads DRAM, as decode does
+
+
+def per_call(fn, copies: int, min_seconds: float = 0.15) -> float:
+    """Seconds per ``fn(i)``, cycling i over the weight copies."""
+    fn(0)
     calls, start = 0, time.perf_counter()
     while True:
-        fn()
+        fn(calls % copies)
         calls += 1
         elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
+        if elapsed >= min_seconds and calls >= copies:
             return elapsed / calls
 
 
@@ -43,25 +47,27 @@ def main() -> None:
     print(f"kernel: {kernels.status()['kernel']}")
     print(f"{'op':<26}{'threads':>8}{'ATen GB/s':>11}{'oneDNN GB/s':>13}{'ours GB/s':>11}{'ours/ATen':>11}")
     for n, k in SHAPES:
-        x, w = torch.randn(1, k).bfloat16(), torch.randn(n, k).bfloat16()
+        x = torch.randn(1, k).bfloat16()
+        ws = [torch.randn(n, k).bfloat16() for _ in range(max(1, COLD_BYTES // (n * k * 2)))]
+        w = ws[0]
         for threads in (1, 2):
             torch.set_num_threads(threads)
             results = {"aten": [], "onednn": [], "ours": []}
 
-            def aten():
+            def aten(i):
                 with matmul_backend(onednn=False):
-                    torch.nn.functional.linear(x, w)
+                    torch.nn.functional.linear(x, ws[i])
 
-            def onednn():
+            def onednn(i):
                 with matmul_backend(onednn=True):
-                    torch.nn.functional.linear(x, w)
+                    torch.nn.functional.linear(x, ws[i])
 
-            def ours():
-                kernels.linear(x, w, None)
+            def ours(i):
+                kernels.linear(x, ws[i], None)
 
             for _ in range(args.rounds):
                 for name, fn in (("aten", aten), ("onednn", onednn), ("ours", ours)):
-                    results[name].append(w.nbytes / per_call(fn) / 1e9)
+                    results[name].append(w.nbytes / per_call(fn, len(ws)) / 1e9)
             med = {name: statistics.median(v) for name, v in results.items()}
             print(f"{f'GEMV {n}x{k}':<26}{threads:>8}{med['aten']:>11.1f}{med['onednn']:>13.1f}{med['ours']:>11.1f}"
                   f"{med['ours'] / med['aten']:>10.2f}x")
@@ -73,22 +79,23 @@ def main() -> None:
     experts.bfloat16()
     x = torch.randn(1, 1024).bfloat16()
     weights = torch.softmax(torch.randn(1, 8), -1).bfloat16()
-    chosen = torch.randperm(64)[:8].view(1, 8)
+    # a different top-8 each call, as decode does: the 8 experts read (24 MB) rotate through the 192 MB stack
+    choices = [torch.randperm(64)[:8].view(1, 8) for _ in range(64)]
     nbytes = 8 * 3 * 1024 * 512 * 2
     for threads in (1, 2):
         torch.set_num_threads(threads)
         results = {"aten": [], "ours": []}
 
-        def aten_moe():
+        def aten_moe(i):
             with matmul_backend(onednn=False):
-                experts.decode_aten(x, weights, chosen)
+                experts.decode_aten(x, weights, choices[i])
 
-        def ours_moe():
-            kernels.moe(x, experts.w13, experts.w2, chosen[0], weights[0])
+        def ours_moe(i):
+            kernels.moe(x, experts.w13, experts.w2, choices[i][0], weights[0])
 
         for _ in range(args.rounds):
-            results["aten"].append(nbytes / per_call(aten_moe) / 1e9)
-            results["ours"].append(nbytes / per_call(ours_moe) / 1e9)
+            results["aten"].append(nbytes / per_call(aten_moe, len(choices)) / 1e9)
+            results["ours"].append(nbytes / per_call(ours_moe, len(choices)) / 1e9)
         med = {name: statistics.median(v) for name, v in results.items()}
         print(f"{'MoE 8 of 64 (1024, 512)':<26}{threads:>8}{med['aten']:>11.1f}{'-':>13}{med['ours']:>11.1f}"
               f"{med['ours'] / med['aten']:>10.2f}x")
