@@ -5,6 +5,10 @@ compare ratios within a run, not absolute numbers across runs). Also times the f
 against the ATen per-expert path of ``StackedExperts.decode`` on the bench-model shape.
 
     python scripts/bench_kernels.py [--rounds 7]
+    python scripts/bench_kernels.py --model models/bench-qwen3-moe   # decode tok/s, kernels on vs off
+
+With ``--model`` it instead decodes the model in bf16 with the C++ kernels and with ATen in one
+process, alternating (A B A B ...), and prints median tok/s and the ratio.
 """
 
 from __future__ import annotations
@@ -39,7 +43,11 @@ def per_call(fn, copies: int, min_seconds: float = 0.15) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", help="decode this checkpoint with the kernels on and off instead")
     args = parser.parse_args()
+    if args.model:
+        decode_ab(args.model, args.rounds)
+        return
     ops = kernels.ops()
     if ops is None:
         raise SystemExit(f"kernel not active: {kernels.status()['reason']}")
@@ -99,6 +107,41 @@ def main() -> None:
         med = {name: statistics.median(v) for name, v in results.items()}
         print(f"{'MoE 8 of 64 (1024, 512)':<26}{threads:>8}{med['aten']:>11.1f}{'-':>13}{med['ours']:>11.1f}"
               f"{med['ours'] / med['aten']:>10.2f}x")
+
+
+def decode_ab(model_path: str, rounds: int, gen_tokens: int = 32, prompt_tokens: int = 128) -> None:
+    from qwen_runner.models.loader import load
+
+    model, _, _ = load(model_path, dtype=torch.bfloat16)
+    ops = kernels.ops()
+    if ops is None:
+        raise SystemExit(f"kernel not active: {kernels.status()['reason']}")
+    prompt = torch.randint(0, 1000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    def decode_tps(use_kernel: bool) -> float:
+        kernels._ops = ops if use_kernel else None
+        model._layer_gemv_bytes = None  # the decode thread policy depends on which path runs
+        cache = model.make_cache(prompt_tokens + gen_tokens + 1)
+        token = model(prompt, cache, last_only=True)[0, -1].argmax().view(1, 1)
+        start = time.perf_counter()
+        for _ in range(gen_tokens):
+            token = model(token, cache)[0, -1].argmax().view(1, 1)
+        return gen_tokens / (time.perf_counter() - start)
+
+    print(f"{model_path}: bf16 decode tok/s, {gen_tokens} tokens after a {prompt_tokens}-token prompt, "
+          f"{rounds} alternating rounds, medians")
+    print(f"{'threads':>8}{'ATen':>10}{'C++':>10}{'C++/ATen':>10}")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results = {True: [], False: []}
+        for _ in range(rounds):
+            for use_kernel in (False, True):
+                results[use_kernel].append(decode_tps(use_kernel))
+        aten, ours = statistics.median(results[False]), statistics.median(results[True])
+        print(f"{threads:>8}{aten:>10.1f}{ours:>10.1f}{ours / aten:>9.2f}x   "
+              f"(ATen {min(results[False]):.1f}-{max(results[False]):.1f}, "
+              f"C++ {min(results[True]):.1f}-{max(results[True]):.1f})")
+    kernels._ops = ops
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return None
     try:
         return op.linear(x, weight, bias, _avx512, KERNEL_MIN_BYTES_PER_THREAD)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:
         _disable(exc)
         return None
 
@@ -148,7 +148,7 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, experts: torch.Ten
         return None
     try:
         return op.moe(x, w13, w2, experts, weights, _avx512, KERNEL_MIN_BYTES_PER_THREAD)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:
         _disable(exc)
         return None
 

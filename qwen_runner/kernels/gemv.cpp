@@ -153,6 +153,20 @@ void check_bf16(const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// A small 1-D tensor's values as floats, read in place for bf16 and fp32 (no temporary tensor op).
+std::vector<float> to_floats(const at::Tensor& t) {
+    const at::Tensor c = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat
+                             ? t.contiguous() : t.to(at::kFloat).contiguous();
+    std::vector<float> out(c.numel());
+    if (c.scalar_type() == at::kBFloat16) {
+        const auto* p = reinterpret_cast<const bf16*>(c.data_ptr<at::BFloat16>());
+        for (size_t i = 0; i < out.size(); ++i) out[i] = bf16_to_float(p[i]);
+    } else {
+        std::memcpy(out.data(), c.data_ptr<float>(), out.size() * sizeof(float));
+    }
+    return out;
+}
+
 const bf16* data(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
 
 }  // namespace
@@ -167,17 +181,17 @@ at::Tensor linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bia
     x = x.contiguous();
     check_bf16(x, "x");
     const bool has_bias = bias.has_value() && bias->defined();
-    at::Tensor b;
+    std::vector<float> b;
     if (has_bias) {
-        b = bias->to(at::kFloat).contiguous();
-        TORCH_CHECK(b.numel() == N, "bias has ", b.numel(), " elements, expected ", N);
+        TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " elements, expected ", N);
+        b = to_floats(*bias);
     }
     std::vector<float> acc(N);
     auto y = at::empty({1, N}, x.options());
     const bf16* xp = data(x);
     const bf16* wp = data(weight);
     bf16* yp = reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>());
-    const float* bp = has_bias ? b.data_ptr<float>() : nullptr;
+    const float* bp = has_bias ? b.data() : nullptr;
     const int nt = threads_for(N * K * 2, min_bytes_per_thread);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -204,15 +218,15 @@ at::Tensor moe(at::Tensor x, at::Tensor w13, at::Tensor w2, at::Tensor experts,
     TORCH_CHECK(x.numel() == H, "x has ", x.numel(), " elements, experts expect ", H);
     x = x.contiguous();
     check_bf16(x, "x");
-    auto ex = experts.reshape(-1).to(at::kLong).contiguous();
-    auto wt = weights.reshape(-1).to(at::kFloat).contiguous();
+    auto ex = experts.scalar_type() == at::kLong && experts.is_contiguous() ? experts
+                                                                             : experts.to(at::kLong).contiguous();
     const int64_t k = ex.numel();
-    TORCH_CHECK(wt.numel() == k, "weights has ", wt.numel(), " elements, experts has ", k);
+    TORCH_CHECK(weights.numel() == k, "weights has ", weights.numel(), " elements, experts has ", k);
     const int64_t* ep = ex.data_ptr<int64_t>();
     for (int64_t j = 0; j < k; ++j) TORCH_CHECK(ep[j] >= 0 && ep[j] < E, "expert index ", ep[j], " out of range");
     // Routing weights are applied in the compute dtype (bf16), like the torch path's mul_.
-    std::vector<float> wj(k);
-    for (int64_t j = 0; j < k; ++j) wj[j] = bf16_to_float(float_to_bf16(wt.data_ptr<float>()[j]));
+    std::vector<float> wj = to_floats(weights);
+    for (float& w : wj) w = bf16_to_float(float_to_bf16(w));
 
     const bf16* xp = data(x);
     std::vector<const bf16*> w13p(k), w2p(k), xs(k), hp(k);
