@@ -80,7 +80,8 @@ def kernel_mode(env: dict[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     mode = env.get(ENV_KERNELS, DEFAULT_KERNEL_MODE).lower()
     if mode not in KERNEL_MODES:
-        raise QwenRunnerError(f"{ENV_KERNELS}={mode!r} is not one of {', '.join(KERNEL_MODES)}")
+        raise QwenRunnerError(f"{ENV_KERNELS}={mode!r} is not one of {', '.join(KERNEL_MODES)}",
+                              f"unset it or set {ENV_KERNELS}=auto")
     return mode
 
 

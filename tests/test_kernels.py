@@ -240,3 +240,12 @@ def test_bf16_decode_with_the_kernel_tracks_the_aten_decode(ops, models_dir, mon
     agree = (ours.argmax(-1) == aten.argmax(-1)).float().mean().item()
     assert agree >= 0.95, agree
     assert (ours - aten).abs().max().item() <= 0.1 * aten.abs().max().item()
+
+
+def test_bad_kernel_mode_is_one_line_with_a_hint():
+    from qwen_runner.errors import QwenRunnerError
+    from qwen_runner.settings import kernel_mode
+
+    with pytest.raises(QwenRunnerError, match="QWEN_RUNNER_KERNELS='fast'"):
+        kernel_mode({"QWEN_RUNNER_KERNELS": "fast"})
+    assert kernel_mode({}) == "auto"
