@@ -33,6 +33,10 @@ namespace {
 
 using bf16 = uint16_t;
 constexpr int64_t kRowBlock = 4;  // rows computed together: x is loaded once per 4 weight rows
+// Software prefetch of the row block this many blocks ahead (16-32 KB at K = 1024). Measured on the
+// dev box, 1 thread, DRAM-resident weights: 0 -> 4 blocks ahead took the lm_head GEMV from 6.9 to
+// 10.8 GB/s and 1-2 MB GEMVs 10-17% faster under the same (heavy) load; 2 and 4 were close.
+constexpr int64_t kPrefetchBlocks = 4;
 
 inline float bf16_to_float(bf16 v) {
     uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -91,7 +95,14 @@ QR_TARGET void dot_rows_avx512(const bf16* const* xs, const bf16* const* ws, int
             const bf16* w1 = w0 + K;
             const bf16* w2 = w1 + K;
             const bf16* w3 = w2 + K;
+            // the 4 rows are one contiguous 8*K-byte block: 256 bytes of the block ahead per 32 columns
+            const char* ahead = reinterpret_cast<const char*>(w0 + kPrefetchBlocks * kRowBlock * K);
             for (int64_t k = 0; k < kv; k += 32) {
+                const char* pf = ahead + k * 2 * kRowBlock;
+                _mm_prefetch(pf, _MM_HINT_T0);
+                _mm_prefetch(pf + 64, _MM_HINT_T0);
+                _mm_prefetch(pf + 128, _MM_HINT_T0);
+                _mm_prefetch(pf + 192, _MM_HINT_T0);
                 const __m512bh xv = load_bh(x + k);
                 a0 = _mm512_dpbf16_ps(a0, load_bh(w0 + k), xv);
                 a1 = _mm512_dpbf16_ps(a1, load_bh(w1 + k), xv);
