@@ -30,17 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_runner.errors import CheckpointError
-from qwen_runner.models import deltanet, packing
-from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary, attend)
+from qwen_runner.models import deltanet
+from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary, attend,
+                                       gemv_threads, matmul_backend, thread_limit)
 from qwen_runner.models.qwen3_moe import _fused, _stacked_experts, rope_theta_of, sparse_layer_pattern
 
 log = logging.getLogger(__name__)
-packing_available = packing.packing_available
 
 ARCHITECTURE = "Qwen3NextForCausalLM"
 LINEAR, FULL = "linear_attention", "full_attention"
 # Tokens per internal prefill step: bounds the attention scores, the DeltaNet chunk tensors and MoE buffers.
 DEFAULT_PREFILL_CHUNK = 512
+# Forwards of at most this many tokens run their matmuls on the one-row GEMV path instead of
+# oneDNN (see layers.matmul_backend); prefill keeps oneDNN.
+NATIVE_MATMUL_MAX_TOKENS = 1
 # transformers' defaults for keys older configs may omit.
 DEFAULT_FULL_ATTENTION_INTERVAL = 4
 DEFAULT_CONV_KERNEL = 4
@@ -349,7 +352,8 @@ class Model(CausalLM):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.rotary_dim, args.rope_theta)
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK
-        self.pack_on_load = PACK_ON_LOAD
+        self.native_matmul_max_tokens = NATIVE_MATMUL_MAX_TOKENS
+        self._layer_gemv_bytes: int | None = None
         # layer i -> its slot in the KV cache (full) or in the state tensors (linear)
         counters = {LINEAR: 0, FULL: 0}
         self.slots: list[int] = []
@@ -359,13 +363,6 @@ class Model(CausalLM):
 
     def make_cache(self, max_context: int) -> HybridCache:
         return HybridCache(self.config_args, max_context, self.dtype)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Adopt the weights, then (bf16 only) repack the matmul weights for oneDNN; see ``pack_weights``."""
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if self.pack_on_load and self.dtype in packing.PACKABLE_DTYPES and packing_available():
-            pack_weights(self)
-        return result
 
     def cache_bytes(self, max_context: int) -> int:
         return cache_bytes(self.config_args, max_context, self.dtype)
@@ -378,13 +375,28 @@ class Model(CausalLM):
         if length == 0:
             raise ValueError("forward needs at least one token")
         cache.check_room(length)
+        decode = length <= self.native_matmul_max_tokens
+        threads = torch.get_num_threads()
         hidden = []
-        for begin in range(0, length, self.prefill_chunk):
-            x = self._layers(ids[begin:begin + self.prefill_chunk], cache)
-            if not last_only or begin + self.prefill_chunk >= length:
-                hidden.append(x[-1:] if last_only else x)
-        x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-        return self.lm_head(self.norm(x)).float().unsqueeze(0)
+        with matmul_backend(onednn=not decode):
+            for begin in range(0, length, self.prefill_chunk):
+                # decode: the layers' GEMVs are small, so they run on fewer threads than the lm_head
+                with thread_limit(gemv_threads(self._largest_layer_gemv_bytes(), threads) if decode else threads):
+                    x = self._layers(ids[begin:begin + self.prefill_chunk], cache)
+                if not last_only or begin + self.prefill_chunk >= length:
+                    hidden.append(x[-1:] if last_only else x)
+            x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+            return self.lm_head(self.norm(x)).float().unsqueeze(0)
+
+    def _largest_layer_gemv_bytes(self) -> int:
+        """Bytes of the largest single weight matrix a decoded token reads inside the layers
+        (one expert's slice of a stacked expert tensor)."""
+        if self._layer_gemv_bytes is None:
+            sizes = [1]
+            for name, p in self.layers.named_parameters():
+                sizes.append(p.nbytes // p.shape[0] if ".experts." in name else p.nbytes)
+            self._layer_gemv_bytes = max(sizes)
+        return self._layer_gemv_bytes
 
     def _layers(self, ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         length = ids.shape[0]
@@ -394,34 +406,6 @@ class Model(CausalLM):
             x = layer(x, cache, slot, rope)
         cache.advance(length)
         return x
-
-
-# --------------------------------------------------------------------------- oneDNN weight packing
-
-PACK_ON_LOAD = True  # bf16 only, where oneDNN can (see ``packing``)
-
-
-def pack_weights(model: Model) -> None:
-    """Repack the big matmul weights of ``model`` for oneDNN, in place.
-
-    Listed explicitly rather than "every nn.Linear": the MoE router's weight is read directly
-    by ``layers.route`` (not through its module), so it must stay a plain tensor; it and the
-    1-row shared-expert gate are tiny anyway.
-    """
-    linears = [model.lm_head]
-    for layer in model.layers:
-        mixer = layer.linear_attn if layer.is_linear else layer.self_attn
-        linears += [mixer.in_proj, mixer.out_proj] if layer.is_linear else [mixer.qkv_proj, mixer.o_proj]
-        if isinstance(layer.mlp, SparseMoE):
-            packing.pack_experts(layer.mlp.experts)
-            if layer.mlp.shared_expert is not None:
-                packing.pack_dense_mlp(layer.mlp.shared_expert)
-        else:
-            packing.pack_dense_mlp(layer.mlp)
-    for linear in linears:
-        packing.pack_linear(linear)
-    model.packed = True
-    log.debug("packed matmul weights for oneDNN")
 
 
 # --------------------------------------------------------------------------- checkpoint mapping
