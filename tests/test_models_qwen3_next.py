@@ -23,7 +23,7 @@ from tests.conftest import MODELS, model_path
 
 transformers = pytest.importorskip("transformers")
 
-PROMPT_LENGTHS = (1, 63, 64, 65, 200)  # around the 64-token DeltaNet chunk, and several chunks
+PROMPT_LENGTHS = (1, 63, 64, 65, 200)  # around DeltaNet chunk boundaries (ours 32, transformers 64), several chunks
 NEW_TOKENS = 32
 FP32_LOGITS_TOL = 1e-4
 BF16_TOP1_MIN = 0.95
@@ -281,7 +281,7 @@ def test_deltanet_kernels_match_fp64_recurrence():
     truth = torch.stack([
         deltanet.recurrent_step(q[t].double(), k[t].double(), v[t].double(), g[t].double().exp(),
                                 beta[t].double(), truth_state) for t in range(length)])
-    for chunk in (16, deltanet.CHUNK):
+    for chunk in (16, deltanet.CHUNK, 64):
         state = start.clone()
         out = deltanet.chunked(q, k, v, g, beta, state, chunk=chunk)
         assert (out.double() - truth).abs().max() < 1e-5
