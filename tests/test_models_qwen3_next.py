@@ -144,6 +144,24 @@ def test_decode_after_prefill_equals_full_recompute(variant):
     assert (rest[0] - full[0, 131:]).abs().max().item() <= FP32_LOGITS_TOL
 
 
+@pytest.mark.parametrize("length", [1, 65])
+def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(variant, length):
+    """``last_only`` trims the last layer to one position: same last logits, same states after."""
+    ours, _, vocab, _ = variant
+    prompt = _prompt(length + 1, vocab)
+    ours.prefill_chunk, saved = 40, ours.prefill_chunk  # several internal prefill chunks, the last one short
+    try:
+        full_cache, last_cache = ours.make_cache(MAX_CONTEXT), ours.make_cache(MAX_CONTEXT)
+        full = ours(prompt[:, :length], full_cache)
+        last = ours(prompt[:, :length], last_cache, last_only=True)
+    finally:
+        ours.prefill_chunk = saved
+    assert last.shape == (1, 1, vocab)
+    assert (last[0, 0] - full[0, -1]).abs().max().item() <= FP32_LOGITS_TOL
+    step_full, step_last = ours(prompt[:, length:], full_cache), ours(prompt[:, length:], last_cache)
+    assert (step_last - step_full).abs().max().item() <= FP32_LOGITS_TOL
+
+
 def test_decode_is_a_state_update_only(variant, monkeypatch):
     """A decode step must not run the chunked (whole-sequence) kernel."""
     ours, _, vocab, _ = variant

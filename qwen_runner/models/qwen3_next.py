@@ -247,7 +247,9 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, zero_centered=True)
 
     def forward(self, x: torch.Tensor, cache: HybridCache, slot: int,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor], last_only: bool = False) -> torch.Tensor:
+        """``x [T, H]`` -> ``[T, H]``, or ``[1, H]`` for the last position only if ``last_only``
+        (keys and values of every position still go to the cache)."""
         length, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
         qg = qkv[:, :self.qg_size].view(length, self.heads, 2 * d)
@@ -257,7 +259,10 @@ class GatedAttention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = cache.kv.write(slot, k.transpose(0, 1), v.transpose(0, 1))
-        out = attend(q.transpose(0, 1), keys, values, cache.length, self.scale)
+        start = cache.length
+        if last_only:
+            q, qg, start, length = q[-1:], qg[-1:], start + length - 1, 1
+        out = attend(q.transpose(0, 1), keys, values, start, self.scale)
         gate = qg[..., d:].reshape(length, -1)
         return self.o_proj(out.mul_(torch.sigmoid(gate)))
 
@@ -286,7 +291,9 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = nn.Parameter(torch.empty(self.dv), requires_grad=False)
         self.out_proj = nn.Linear(self.value_dim, args.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int, last_only: bool = False) -> torch.Tensor:
+        """``x [T, H]`` -> ``[T, H]``, or ``[1, H]`` for the last position only if ``last_only``
+        (the states still advance over every position)."""
         length = x.shape[0]
         proj = self.in_proj(x)
         z_end = self.conv_dim + self.value_dim
@@ -305,6 +312,8 @@ class GatedDeltaNet(nn.Module):
         else:
             core = deltanet.chunked(q, k, v, g, beta, state)
         z = proj[:, self.conv_dim:z_end].view(length, self.hv, self.dv)
+        if last_only:
+            core, z, length = core[-1:], z[-1:], 1
         out = deltanet.gated_rms_norm(core, z, self.norm_weight, self.eps, x.dtype)
         return self.out_proj(out.reshape(length, self.value_dim))
 
@@ -327,12 +336,15 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int, rope, last_only: bool = False) -> torch.Tensor:
+        """``last_only``: the mixer still updates the cache for every position, but only the last
+        position goes on (residual, MoE), as only its logits are wanted."""
         h = self.input_layernorm(x)
         if self.is_linear:
-            h = x + self.linear_attn(h, cache, slot)
+            h = self.linear_attn(h, cache, slot, last_only)
         else:
-            h = x + self.self_attn(h, cache, slot, rope)
+            h = self.self_attn(h, cache, slot, rope, last_only)
+        h = h + (x[-1:] if last_only else x)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -382,9 +394,10 @@ class Model(CausalLM):
             for begin in range(0, length, self.prefill_chunk):
                 # decode: the layers' GEMVs are small, so they run on fewer threads than the lm_head
                 with thread_limit(gemv_threads(self._largest_layer_gemv_bytes(), threads) if decode else threads):
-                    x = self._layers(ids[begin:begin + self.prefill_chunk], cache)
-                if not last_only or begin + self.prefill_chunk >= length:
-                    hidden.append(x[-1:] if last_only else x)
+                    final = begin + self.prefill_chunk >= length
+                    x = self._layers(ids[begin:begin + self.prefill_chunk], cache, last_only and final)
+                if not last_only or final:
+                    hidden.append(x)
             x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
             return self.lm_head(self.norm(x)).float().unsqueeze(0)
 
@@ -398,12 +411,14 @@ class Model(CausalLM):
             self._layer_gemv_bytes = max(sizes)
         return self._layer_gemv_bytes
 
-    def _layers(self, ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    def _layers(self, ids: torch.Tensor, cache: HybridCache, last_only: bool = False) -> torch.Tensor:
+        """Hidden states ``[T, H]``; with ``last_only`` the last layer finishes only the last position."""
         length = ids.shape[0]
         x = self.embed_tokens(ids)
         rope = self.rope.slice(cache.length, length, x.dtype)
-        for slot, layer in zip(self.slots, self.layers):
-            x = layer(x, cache, slot, rope)
+        last = len(self.layers) - 1
+        for i, (slot, layer) in enumerate(zip(self.slots, self.layers)):
+            x = layer(x, cache, slot, rope, last_only and i == last and length > 1)
         cache.advance(length)
         return x
 
