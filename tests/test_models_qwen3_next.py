@@ -309,6 +309,22 @@ def test_deltanet_kernels_match_fp64_recurrence():
     assert (steps.double() - truth).abs().max() < 1e-5
 
 
+def test_fused_norms_match_the_reference_formulas():
+    """``l2norm`` and ``gated_rms_norm`` are single fused ``rms_norm`` calls; the formulas they replace:"""
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(7, 3, 128, generator=gen) * 3
+    x[0, 0] = 1e-4  # eps matters here
+    plain = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + deltanet.L2NORM_EPS)
+    assert torch.allclose(deltanet.l2norm(x), plain, rtol=1e-5, atol=1e-7)
+    gate, weight = torch.randn(7, 3, 128, generator=gen), torch.randn(128, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        xf = x.to(dtype).float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        expected = (weight.to(dtype) * normed).mul(torch.nn.functional.silu(gate.to(dtype).float())).to(dtype)
+        got = deltanet.gated_rms_norm(x, gate.to(dtype), weight.to(dtype), 1e-6, dtype)
+        assert torch.equal(got, expected)
+
+
 def test_causal_conv_carries_its_window():
     """Conv over a sequence in pieces (prefill, single steps, another piece) equals one pass."""
     gen = torch.Generator().manual_seed(SEED)

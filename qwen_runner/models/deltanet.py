@@ -23,8 +23,12 @@ is updated in place, so a cache can preallocate it once. Query/key heads are sha
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from qwen_runner.models.layers import rms_norm
 
 # Tokens per chunk in the chunked form; any value gives the same result up to rounding.
 # transformers uses 64; 32 halves the O(C^2) intra-chunk work and the triangular solve, which
@@ -61,9 +65,19 @@ def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> t
     return F.silu(out.to(x.dtype))
 
 
+@functools.cache
+def _l2norm_weight(dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((dim,), dim ** -0.5, dtype=dtype)
+
+
 def l2norm(x: torch.Tensor) -> torch.Tensor:
-    """``x / sqrt(sum(x^2) + eps)`` over the last dim, as transformers' (and FLA's) ``l2norm``."""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
+    """``x / sqrt(sum(x^2) + eps)`` over the last dim, as transformers' (and FLA's) ``l2norm``.
+
+    One fused ``F.rms_norm`` instead of five ops: ``rms_norm(x, eps / D) = x sqrt(D) / sqrt(sum(x^2) + eps)``,
+    so the ``1 / sqrt(D)`` is the norm's (constant) weight. Equal up to fp32 rounding.
+    """
+    dim = x.shape[-1]
+    return F.rms_norm(x, (dim,), _l2norm_weight(dim, x.dtype), eps=L2NORM_EPS / dim)
 
 
 def expand_heads(x: torch.Tensor, num_v_heads: int) -> torch.Tensor:
@@ -157,6 +171,5 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     the delta-rule output is first rounded to ``dtype``, normalized in fp32, rounded again
     before the weight multiply, and the SiLU gate is applied in fp32.
     """
-    xf = x.to(dtype).float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-    return (weight * normed).mul(F.silu(gate.float())).to(dtype)
+    # layers.rms_norm rounds exactly there: fp32 norm (fused), cast, then the weight multiply
+    return rms_norm(x.to(dtype), weight, eps).mul(F.silu(gate.float())).to(dtype)
