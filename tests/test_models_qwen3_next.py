@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from qwen_runner.errors import ContextOverflowError
-from qwen_runner.models import deltanet, qwen3_next
+from qwen_runner.models import deltanet, layers, qwen3_next
 from qwen_runner.models.loader import CheckpointReader, build_model, model_state_from_checkpoint, read_config
 from tests.conftest import MODELS, model_path
 
@@ -160,6 +160,42 @@ def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(variant, len
     assert (last[0, 0] - full[0, -1]).abs().max().item() <= FP32_LOGITS_TOL
     step_full, step_last = ours(prompt[:, length:], full_cache), ours(prompt[:, length:], last_cache)
     assert (step_last - step_full).abs().max().item() <= FP32_LOGITS_TOL
+
+
+def test_decode_threads_are_sized_per_mixer_and_moe(tiny_fp32, monkeypatch):
+    """Decode gives the mixer and the MoE of each layer their own thread count (their GEMVs differ
+    in size), from the largest matrix each reads, and restores the caller's thread count."""
+    ours, _ = tiny_fp32
+    sizes = ours._largest_layer_gemv_bytes()
+    for layer, (mixer, mlp) in zip(ours.layers, sizes):
+        attn = layer.linear_attn if layer.is_linear else layer.self_attn
+        projections = (attn.in_proj, attn.out_proj) if layer.is_linear else (attn.qkv_proj, attn.o_proj)
+        assert mixer == max(p.weight.nbytes for p in projections)
+        experts = layer.mlp.experts
+        assert mlp == max(experts.w13.nbytes // experts.num_experts, layer.mlp.shared_expert.w13.nbytes,
+                          layer.mlp.shared_expert.w2.nbytes, layer.mlp.gate.weight.nbytes)
+    seen = []
+    real_limit = qwen3_next.thread_limit
+
+    def spy(threads):
+        seen.append(threads)
+        return real_limit(threads)
+
+    monkeypatch.setattr(qwen3_next, "thread_limit", spy)
+    threshold = min(m for m, _ in sizes)  # every mixer gets 2 threads, every MoE 1 (its matrices are smaller)
+    assert all(mlp < threshold for _, mlp in sizes)
+    monkeypatch.setattr(layers, "MIN_GEMV_BYTES_PER_THREAD", threshold // 2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cache = ours.make_cache(MAX_CONTEXT)
+        ours(_prompt(5, ours.config_args.vocab_size), cache)
+        seen.clear()
+        ours(torch.tensor([[1]]), cache)
+        assert seen == [2, 1] * len(ours.layers)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_decode_is_a_state_update_only(variant, monkeypatch):

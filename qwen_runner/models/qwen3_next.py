@@ -336,16 +336,21 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int, rope, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int, rope, last_only: bool = False,
+                threads: tuple[int, int] | None = None) -> torch.Tensor:
         """``last_only``: the mixer still updates the cache for every position, but only the last
-        position goes on (residual, MoE), as only its logits are wanted."""
+        position goes on (residual, MoE), as only its logits are wanted. ``threads``: at most this
+        many threads for (the mixer, the MLP/MoE), for decode, whose GEMVs differ in size."""
+        mixer_threads, mlp_threads = threads or (torch.get_num_threads(),) * 2
         h = self.input_layernorm(x)
-        if self.is_linear:
-            h = self.linear_attn(h, cache, slot, last_only)
-        else:
-            h = self.self_attn(h, cache, slot, rope, last_only)
+        with thread_limit(mixer_threads):
+            if self.is_linear:
+                h = self.linear_attn(h, cache, slot, last_only)
+            else:
+                h = self.self_attn(h, cache, slot, rope, last_only)
         h = h + (x[-1:] if last_only else x)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        with thread_limit(mlp_threads):
+            return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Model(CausalLM):
@@ -365,7 +370,7 @@ class Model(CausalLM):
         self.rope = RotaryEmbedding(args.rotary_dim, args.rope_theta)
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK
         self.native_matmul_max_tokens = NATIVE_MATMUL_MAX_TOKENS
-        self._layer_gemv_bytes: int | None = None
+        self._layer_gemv_bytes: list[tuple[int, int]] | None = None
         # layer i -> its slot in the KV cache (full) or in the state tensors (linear)
         counters = {LINEAR: 0, FULL: 0}
         self.slots: list[int] = []
@@ -391,34 +396,40 @@ class Model(CausalLM):
         threads = torch.get_num_threads()
         hidden = []
         with matmul_backend(onednn=not decode):
+            # decode: the layers' GEMVs are small, so they run on fewer threads than the lm_head
+            layer_threads = ([(gemv_threads(mixer, threads), gemv_threads(mlp, threads))
+                              for mixer, mlp in self._largest_layer_gemv_bytes()] if decode else None)
             for begin in range(0, length, self.prefill_chunk):
-                # decode: the layers' GEMVs are small, so they run on fewer threads than the lm_head
-                with thread_limit(gemv_threads(self._largest_layer_gemv_bytes(), threads) if decode else threads):
-                    final = begin + self.prefill_chunk >= length
-                    x = self._layers(ids[begin:begin + self.prefill_chunk], cache, last_only and final)
+                final = begin + self.prefill_chunk >= length
+                x = self._layers(ids[begin:begin + self.prefill_chunk], cache, last_only and final, layer_threads)
                 if not last_only or final:
                     hidden.append(x)
             x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
             return self.lm_head(self.norm(x)).float().unsqueeze(0)
 
-    def _largest_layer_gemv_bytes(self) -> int:
-        """Bytes of the largest single weight matrix a decoded token reads inside the layers
-        (one expert's slice of a stacked expert tensor)."""
+    def _largest_layer_gemv_bytes(self) -> list[tuple[int, int]]:
+        """Per layer, bytes of the largest single weight matrix a decoded token reads in (the
+        mixer, the MLP/MoE); for stacked experts, one expert's slice."""
         if self._layer_gemv_bytes is None:
-            sizes = [1]
-            for name, p in self.layers.named_parameters():
-                sizes.append(p.nbytes // p.shape[0] if ".experts." in name else p.nbytes)
-            self._layer_gemv_bytes = max(sizes)
+            def largest(module: nn.Module) -> int:
+                return max([1] + [p.nbytes // p.shape[0] if name.startswith("experts.") else p.nbytes
+                                  for name, p in module.named_parameters()])
+            self._layer_gemv_bytes = [
+                (largest(layer.linear_attn if layer.is_linear else layer.self_attn), largest(layer.mlp))
+                for layer in self.layers]
         return self._layer_gemv_bytes
 
-    def _layers(self, ids: torch.Tensor, cache: HybridCache, last_only: bool = False) -> torch.Tensor:
-        """Hidden states ``[T, H]``; with ``last_only`` the last layer finishes only the last position."""
+    def _layers(self, ids: torch.Tensor, cache: HybridCache, last_only: bool = False,
+                layer_threads: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Hidden states ``[T, H]``; with ``last_only`` the last layer finishes only the last position;
+        ``layer_threads``: per layer, ``DecoderLayer.forward``'s ``threads``."""
         length = ids.shape[0]
         x = self.embed_tokens(ids)
         rope = self.rope.slice(cache.length, length, x.dtype)
         last = len(self.layers) - 1
         for i, (slot, layer) in enumerate(zip(self.slots, self.layers)):
-            x = layer(x, cache, slot, rope, last_only and i == last and length > 1)
+            x = layer(x, cache, slot, rope, last_only and i == last and length > 1,
+                      layer_threads[i] if layer_threads else None)
         cache.advance(length)
         return x
 
