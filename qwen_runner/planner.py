@@ -280,6 +280,18 @@ def ready_tier_exists(spec: ModelSpec) -> bool:
         return False
 
 
+def _ready_spec(model_dir: Path, dtype: str) -> ModelSpec | None:
+    try:
+        from qwen_runner.cache.load import ready_spec
+    except ImportError:
+        return None
+    try:
+        return ready_spec(model_dir, dtype)
+    except Exception as err:  # noqa: BLE001 - a broken cache only means "read the headers"; chat reports it
+        log.debug("ready tier spec unavailable: %s", err)
+        return None
+
+
 def make_plan(spec: ModelSpec, host: Host, max_context: int = S.DEFAULT_MAX_CONTEXT,
               compute_dtype: str = "bf16", ready_tier: bool | None = None, disk_probe: bool = True) -> MemoryPlan:
     if max_context < 1:
@@ -307,10 +319,14 @@ def require(model: str, stage: str, max_context: int = S.DEFAULT_MAX_CONTEXT, bu
     """
     from qwen_runner.checkpoint import inspect_checkpoint, resolve_model_dir
 
-    spec = inspect_checkpoint(resolve_model_dir(model))
-    host = detect_host(budget if budget is not None else S.load_settings().memory_budget)
+    model_dir = resolve_model_dir(model)
     dtype = compute_dtype if compute_dtype in COMPUTE_DTYPE_BYTES else default_compute_dtype()
-    plan = make_plan(spec, host, max_context, dtype)
+    # Running from a current ready tier: its manifest holds the spec, so no header is read.
+    spec = _ready_spec(model_dir, dtype) if stage == RUN else None
+    ready = True if spec is not None else None
+    spec = spec or inspect_checkpoint(model_dir)
+    host = detect_host(budget if budget is not None else S.load_settings().memory_budget)
+    plan = make_plan(spec, host, max_context, dtype, ready_tier=ready)
     verdict = plan.stages[stage]
     if verdict.verdict == REFUSE:
         if force:

@@ -266,7 +266,7 @@ def build_cache(model: str | Path, dtype: str = "auto", backend: str = "native",
             old = None
         keep = _reusable(old, paths, files, dtype, backend, target, rebuild)
         units = planned_units(spec.config.num_layers, layers)
-        manifest = M.new_manifest(model_dir, files, dtype, backend, units, tiers, layers, target)
+        manifest = M.new_manifest(model_dir, files, dtype, backend, units, tiers, layers, target, spec)
         manifest["shards"] = {rel: keep[rel] for rel in (f"{target}/{u}.pt" for u in units) if rel in keep}
         manifest["ties"] = dict((old or {}).get("ties", {})) if manifest["shards"] else {}
         ensure_dir(paths.tier(target))
