@@ -187,7 +187,10 @@ def ready_units(optimized: Iterator[tuple[str, dict]]) -> Iterator[tuple[str, di
     """Stage ready: what the runtime mmaps. The native backend adds nothing to the optimized layout
     beyond contiguity (a view would drag its whole storage into the shard)."""
     for unit, tensors in optimized:
-        yield unit, {name: t.contiguous() for name, t in tensors.items()}
+        ready = {name: t.contiguous() for name, t in tensors.items()}
+        del tensors  # neither name may keep this unit alive while the next one is converted
+        yield unit, ready
+        del ready
 
 
 class _Ties:
