@@ -338,6 +338,8 @@ class ModelSpec:
     active_by_role: dict[str, int] = field(default_factory=dict)
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     largest_tensor_bytes: dict[str, int] = field(default_factory=dict)  # per dtype
+    # Set when ``tensors`` is left empty (a spec restored from a cache manifest: no per-tensor table).
+    tensor_count: int | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -397,7 +399,7 @@ class ModelSpec:
             "vocab_size": c.vocab_size,
             "dtype": c.dtype,
             "quantization": self.quant.describe() if self.quant else None,
-            "tensors": len(self.tensors),
+            "tensors": len(self.tensors) if self.tensor_count is None else self.tensor_count,
             "shards": len(self.shards),
             "total_bytes": self.total_bytes,
             "file_data_bytes": self.file_data_bytes,

@@ -92,7 +92,7 @@ def _memory_guard(stage: str, context_option: bool = False):
             from qwen_runner.planner import require
 
             require(kwargs["model"], stage, kwargs.get("max_context") or S.DEFAULT_MAX_CONTEXT, memory_budget, force,
-                    kwargs.get("dtype"))
+                    kwargs.get("dtype"), build_target=kwargs.get("tier") or "ready")
             if "force" in wanted:
                 kwargs["force"] = force
             if "max_context" not in wanted:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_runner import hardware, precision
-from qwen_runner.checkpoint import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +42,29 @@ def choose_dtype(requested: str = "auto") -> precision.DtypeChoice:
 
 
 def open_model(model: str, dtype: str = "auto") -> LoadedModel:
-    """Load MODEL for inference: from its ready tier when that is current (mmap, nothing converted),
-    else from the checkpoint, logging why and how to build the ready tier."""
-    path = resolve_model_dir(model)
-    from qwen_runner.cache import open_ready
+    """Load MODEL for inference: from its ready tier when that is current (mmap, nothing converted,
+    the spec from its manifest), else from the checkpoint, logging why and how to build the ready tier."""
+    from qwen_runner.cache.load import current_ready
+    from qwen_runner.checkpoint import resolve_model_dir
 
+    path = resolve_model_dir(model)
     choice = choose_dtype(dtype)
     start = time.perf_counter()
-    ready = open_ready(path, choice.dtype)
+    ready = current_ready(path, choice.dtype)
     if ready is not None:
-        from qwen_runner.checkpoint import inspect_checkpoint
-        from qwen_runner.models.loader import load_tokenizer
+        from qwen_runner.cache.load import load_ready_model
+        from qwen_runner.cache.manifest import spec_from_record
+        from qwen_runner.models.loader import load_tokenizer, read_config
 
-        loaded, tokenizer, spec = ready, load_tokenizer(path), inspect_checkpoint(path)
+        paths, manifest = ready
+        log.info("loading the ready tier %s", paths.dir)
+        loaded = load_ready_model(paths, manifest, read_config(path))
+        tokenizer = load_tokenizer(path)
+        spec = spec_from_record(manifest.get("spec") or {}, path)
+        if spec is None:  # a manifest written before the spec was recorded in it
+            from qwen_runner.checkpoint import inspect_checkpoint
+
+            spec = inspect_checkpoint(path)
     else:
         from qwen_runner.models import load
 

@@ -187,7 +187,10 @@ def ready_units(optimized: Iterator[tuple[str, dict]]) -> Iterator[tuple[str, di
     """Stage ready: what the runtime mmaps. The native backend adds nothing to the optimized layout
     beyond contiguity (a view would drag its whole storage into the shard)."""
     for unit, tensors in optimized:
-        yield unit, {name: t.contiguous() for name, t in tensors.items()}
+        ready = {name: t.contiguous() for name, t in tensors.items()}
+        del tensors  # neither name may keep this unit alive while the next one is converted
+        yield unit, ready
+        del ready
 
 
 class _Ties:
@@ -266,7 +269,7 @@ def build_cache(model: str | Path, dtype: str = "auto", backend: str = "native",
             old = None
         keep = _reusable(old, paths, files, dtype, backend, target, rebuild)
         units = planned_units(spec.config.num_layers, layers)
-        manifest = M.new_manifest(model_dir, files, dtype, backend, units, tiers, layers, target)
+        manifest = M.new_manifest(model_dir, files, dtype, backend, units, tiers, layers, target, spec)
         manifest["shards"] = {rel: keep[rel] for rel in (f"{target}/{u}.pt" for u in units) if rel in keep}
         manifest["ties"] = dict((old or {}).get("ties", {})) if manifest["shards"] else {}
         ensure_dir(paths.tier(target))

@@ -106,10 +106,8 @@ def ready_tier_exists(model_dir: Path | str, dtype: str = "auto", backend: str =
     return not problems
 
 
-def open_ready(model_dir: Path, dtype: str, backend: str = "native"):
-    """The model from the current ready tier, or None (and the reason logged, with how to build it)."""
-    from qwen_runner.models.loader import read_config
-
+def current_ready(model_dir: Path, dtype: str, backend: str = "native") -> tuple[CachePaths, dict] | None:
+    """The current ready tier's (paths, manifest), or None (and the reason logged, with how to build it)."""
     paths, manifest, problems = find_ready(model_dir, dtype, backend)
     if problems:
         first = problems[0]
@@ -117,5 +115,24 @@ def open_ready(model_dir: Path, dtype: str, backend: str = "native"):
         log.log(level, "ready tier not used (%s); loading from the checkpoint. To load in seconds: %s",
                 first.line(), build_hint(model_dir, dtype, backend))
         return None
-    log.info("loading the ready tier %s", paths.dir)
-    return load_ready_model(paths, manifest, read_config(model_dir))
+    return paths, manifest
+
+
+def ready_spec(model_dir: Path, dtype: str, backend: str = "native"):
+    """The checkpoint's ModelSpec as the current ready tier's manifest recorded it (no header is read),
+    or None when there is no current ready tier or it predates the record."""
+    _paths, manifest, problems = find_ready(model_dir, dtype, backend)
+    if problems or not manifest.get("spec"):
+        return None
+    return M.spec_from_record(manifest["spec"], model_dir)
+
+
+def open_ready(model_dir: Path, dtype: str, backend: str = "native"):
+    """The model from the current ready tier, or None (and the reason logged, with how to build it)."""
+    from qwen_runner.models.loader import read_config
+
+    found = current_ready(model_dir, dtype, backend)
+    if found is None:
+        return None
+    log.info("loading the ready tier %s", found[0].dir)
+    return load_ready_model(*found, read_config(model_dir))

@@ -192,25 +192,16 @@ def _spec(path: Path, config: dict):
 
 def load(model_path: str | Path, dtype: torch.dtype | None = None):
     """``(model, tokenizer, spec)`` for a checkpoint dir; ``dtype=None`` keeps the checkpoint's dtype."""
-    from transformers import AutoTokenizer
-
     path = Path(model_path)
     config = read_config(path)
     dtype = dtype or checkpoint_dtype(config)
     model = build_model(config, model_state_from_checkpoint(path, dtype, config))
     log.info("loaded %s (%s, %s)", path.name, model.architecture, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load the tokenizer from {path}: {err}") from err
-    return model, tokenizer, _spec(path, config)
+    return model, load_tokenizer(path), _spec(path, config)
 
 
 def load_tokenizer(model_path: str | Path):
-    """The checkpoint's tokenizer alone (the ready-tier cache loads weights itself; added for qwen_runner.cache)."""
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer alone: the lean one (qwen_runner.tokenizer) unless only transformers can."""
+    from qwen_runner.tokenizer import load_tokenizer as load_lean
 
-    try:
-        return AutoTokenizer.from_pretrained(Path(model_path))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load the tokenizer from {model_path}: {err}") from err
+    return load_lean(model_path)

@@ -245,6 +245,8 @@ def checkpoint_state(reader, args: ModelArgs, dtype: torch.dtype) -> Iterator[tu
     """
     embed = reader.get("model.embed_tokens.weight", dtype)
     yield "embed_tokens.weight", embed
+    if not args.tie_word_embeddings:
+        embed = None  # else the cache builder would hold the embedding through every layer
     for i, sparse in enumerate(args.sparse_layers):
         src, dst = f"model.layers.{i}", f"layers.{i}"
         yield f"{dst}.input_layernorm.weight", reader.get(f"{src}.input_layernorm.weight", dtype)
