@@ -447,7 +447,7 @@ def _check_quant(spec: ModelSpec, packed: list[str]) -> None:
             raise CheckpointError(f"inconsistent checkpoint: {module}.qweight has no {module}.scales")
         key = (spec.tensors[module + ".qweight"].shape, scales.shape, spec.quant.for_layer(module))
         if key not in checked:
-            Q.check_packed_linear(module, *key)
+            Q.check_packed_linear(module, *key, awq=spec.quant.awq)
             checked.add(key)
 
 

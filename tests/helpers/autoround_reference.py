@@ -1,0 +1,29 @@
+"""Reference run for the int4 parity tests: transformers + auto-round on an AutoRound checkpoint.
+
+    python tests/helpers/autoround_reference.py MODEL DTYPE OUT.pt PROMPT_IDS(comma-separated) NEW_TOKENS
+
+Run as its own process: loading an AutoRound checkpoint makes auto-round patch transformers
+process-wide, which silently breaks plain models loaded later in the same process.
+Writes ``{"logits": [T, vocab] fp32 of the prompt, "tokens": greedy continuation}``.
+"""
+
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def main() -> None:
+    model_dir, dtype, out, prompt, new_tokens = sys.argv[1:6]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ids = torch.tensor([[int(t) for t in prompt.split(",")]])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="cpu")
+    model.eval()
+    with torch.inference_mode():
+        logits = model(ids).logits[0].float()
+        generated = model.generate(ids, max_new_tokens=int(new_tokens), do_sample=False, min_new_tokens=int(new_tokens))
+    torch.save({"logits": logits, "tokens": generated[0, ids.shape[1]:].tolist()}, out)
+
+
+if __name__ == "__main__":
+    main()
