@@ -338,6 +338,8 @@ class ModelSpec:
     active_by_role: dict[str, int] = field(default_factory=dict)
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     largest_tensor_bytes: dict[str, int] = field(default_factory=dict)  # per dtype
+    # Values held by int8 linears: the runtime dequantizes them to the compute dtype (models.quantized).
+    int8_values: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -493,4 +495,12 @@ def _inspect(model_dir: Path) -> ModelSpec:
     spec = ModelSpec(model_dir, config, quant, tensors, shards)
     _check_quant(spec, tally.packed)
     _account(spec, tally)
+    spec.int8_values = _int8_values(spec, tally.packed)
     return spec
+
+
+def _int8_values(spec: ModelSpec, packed: list[str]) -> int:
+    """Weights stored as int8 (qweight: 4 values per int32, i.e. one value per byte)."""
+    if spec.quant is None:
+        return 0
+    return sum(spec.tensors[m + ".qweight"].nbytes for m in packed if spec.quant.for_layer(m).bits == 8)

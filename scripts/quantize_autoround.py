@@ -85,7 +85,7 @@ def quantize(src: Path, out: Path, bits: int, group_size: int, sym: bool, recipe
     plan = layer_plan(model, bits, group_size, sym, recipe, keep)
     threads = torch.get_num_threads()
     rounder = AutoRound(
-        model, tokenizer, bits=bits, group_size=group_size, sym=sym, iters=0, layer_config=plan,
+        model, tokenizer, bits=bits, group_size=group_size, sym=sym, iters=0, disable_opt_rtn=True, layer_config=plan,
         dataset=calibration_text(), nsamples=CALIBRATION_SAMPLES, seqlen=CALIBRATION_SEQLEN, device_map="cpu",
     )
     rounder.quantize_and_save(str(out), format=fmt)
