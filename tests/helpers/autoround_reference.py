@@ -29,7 +29,9 @@ def main() -> None:
     packing = json.load(open(f"{model_dir}/config.json"))["quantization_config"].get("packing_format", "")
     backend = AutoRoundConfig(backend="auto" if "awq" in packing else BACKEND)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="cpu", quantization_config=backend)
-    model.eval()
+    # auto-round casts the whole model to fp16 when one chosen backend lists no fp32 (Qwen3-Next here);
+    # its torch kernels run in any dtype, so cast back to the dtype asked for.
+    model.to(dtype).eval()
     with torch.inference_mode():
         logits = model(ids).logits[0].float()
         generated = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, max_new_tokens=int(new_tokens),
