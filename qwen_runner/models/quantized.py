@@ -44,6 +44,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Linears whose weight is read directly (route(), the sigmoid gate): always dense.
 DENSE_ONLY_SUFFIXES = ("mlp.gate.weight", "shared_expert_gate.weight")
 INT4_MIDPOINT = 8
+RUNTIME_BITS = (4, 8)
 
 
 @dataclass
@@ -140,6 +141,9 @@ class QuantizedReader:
 
     def read(self, module: str) -> QWeight:
         layer = self.config.for_layer(module)
+        if layer.bits not in RUNTIME_BITS:
+            raise UnsupportedModelError(f"{module}: {layer.bits}-bit weights are not supported",
+                                        f"supported: {' and '.join(map(str, RUNTIME_BITS))}-bit AutoRound/GPTQ")
         awq = self.config.awq
         qweight, scales = self.reader.get(module + ".qweight"), self.reader.get(module + ".scales")
         Q.check_packed_linear(module, tuple(qweight.shape), tuple(scales.shape), layer, awq)
