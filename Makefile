@@ -40,7 +40,7 @@ models: $(VENV)/.installed
 	$(PY) scripts/make_test_models.py --out $(MODELS)
 
 models-bench: $(VENV)/.installed
-	$(PY) scripts/make_test_models.py --out $(MODELS) --only bench-qwen3-moe,bench-qwen3-next
+	$(PY) scripts/make_test_models.py --out $(MODELS) --only bench-qwen3-moe,bench-qwen3-next,bench-qwen3-moe-int4,bench-qwen3-next-int4
 
 chat: $(VENV)/.installed
 	$(PY) scripts/make_test_models.py --out $(MODELS) --only demo

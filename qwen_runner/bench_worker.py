@@ -40,6 +40,7 @@ def probe(spec: dict) -> dict:
 
 def ours(spec: dict) -> dict:
     from qwen_runner.generate import stream_generate
+    from qwen_runner.models.quantized import describe_kernel
     from qwen_runner.runtime import open_model
 
     loaded = open_model(spec["model"], spec["dtype"])
@@ -64,6 +65,7 @@ def ours(spec: dict) -> dict:
         "decode_tps": stats.decode_tps,
         "generated_tokens": stats.generated_tokens,
         "bytes_per_token": loaded.bytes_per_token,
+        "weight_kernel": describe_kernel(loaded.model),
     }
 
 

@@ -154,12 +154,14 @@ class MemoryPlan:
 
 
 def resident_weight_bytes(spec: ModelSpec, compute_dtype: str) -> int:
-    """Weights once loaded: float tensors cast to the compute dtype, packed integers as they are."""
+    """Weights once loaded: float tensors cast to the compute dtype, packed int4 as it is, and int8
+    linears dequantized to the compute dtype (what models.quantized holds: one byte per value becomes
+    ``width`` bytes)."""
     width = COMPUTE_DTYPE_BYTES[compute_dtype]
     return sum(
         nbytes // DTYPE_BYTES[dtype] * width if dtype in FLOAT_DTYPES else nbytes
         for dtype, nbytes in spec.bytes_by_dtype.items()
-    )
+    ) + getattr(spec, "int8_values", 0) * (width - 1)
 
 
 def _scaled(nbytes: int, spec: ModelSpec, resident: int) -> int:

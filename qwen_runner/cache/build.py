@@ -3,8 +3,7 @@
 Stages, explicit even when a tier is not written to disk:
 
 - ``raw``: the checkpoint's tensors of one unit, normalized (HF names, original dtypes, per-expert
-  tensors stacked into ``[E, ...]``). Written only when the later stages cannot run yet (int4
-  checkpoints until their repacking lands: ``--tier raw``); for float checkpoints the safetensors files
+  tensors stacked into ``[E, ...]``). Written only when asked for (``--tier raw``); for float checkpoints the safetensors files
   already are per-tensor mmap-able raw storage, so a copy would add nothing.
 - ``optimized``: the backend's layout: our parameter names, fused qkv / gate+up, experts stacked, cast
   to the chosen dtype (``models.model_state_from_checkpoint``, which streams per layer).
@@ -88,15 +87,13 @@ def planned_units(num_layers: int, layers: int | None) -> list[str]:
 
 
 def tier_plan(quantized: bool, target: str) -> dict:
-    """Which tiers this build writes, and why the others add nothing (recorded in the manifest)."""
+    """Which tiers this build writes, and why the others add nothing (recorded in the manifest).
+
+    Quantized checkpoints take the same path: ``model_state_from_checkpoint`` unpacks and repacks them
+    for the int4 kernel (models.quantized), so the ready tier stores the packed layout."""
     if target == RAW:
         return {RAW: {"written": True, "why": "requested with --tier raw"},
                 "optimized": {"written": False, "why": "not requested"}, READY: {"written": False, "why": "not requested"}}
-    if quantized:
-        raise CacheError(
-            "int4/AutoRound checkpoints cannot be converted to the ready tier yet (repacking lands with the int4 backend)",
-            "build the raw tier only: `qwen-runner build-cache MODEL --tier raw`",
-        )
     return {
         RAW: {"written": False, "why": "the checkpoint's safetensors already are per-tensor mmap-able raw storage"},
         "optimized": {"written": False, "why": "for the native backend the optimized layout is the ready layout"},

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_runner.errors import CheckpointError
-from qwen_runner.models import deltanet
+from qwen_runner.models import deltanet, quantized
 from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary, attend,
                                        gemv_threads, matmul_backend, thread_limit)
 from qwen_runner.models.qwen3_moe import _fused, _stacked_experts, rope_theta_of, sparse_layer_pattern
@@ -503,7 +503,13 @@ def _linear_attention_state(reader, args: ModelArgs, src: str, dst: str, dtype: 
     reference holds them in the model dtype and upcasts at use."""
     qkvz = reader.get(f"{src}.in_proj_qkvz.weight", dtype)
     ba = reader.get(f"{src}.in_proj_ba.weight", dtype)
-    yield f"{dst}.in_proj.weight", linear_in_proj(qkvz, ba, args)
+    if isinstance(qkvz, quantized.QWeight) or isinstance(ba, quantized.QWeight):
+        # the same row order, applied as an index to the (unpacked) quantized rows
+        rows = torch.arange(qkvz.shape[0] + ba.shape[0]).unsqueeze(1)
+        order = linear_in_proj(rows[:qkvz.shape[0]], rows[qkvz.shape[0]:], args).squeeze(1)
+        yield f"{dst}.in_proj.weight", quantized.select_rows(quantized.cat_rows([qkvz, ba]), order)
+    else:
+        yield f"{dst}.in_proj.weight", linear_in_proj(qkvz, ba, args)
     conv = reader.get(f"{src}.conv1d.weight", dtype)  # [C, 1, K]
     yield f"{dst}.conv_weight", conv.squeeze(1).t().to(state_dtype(dtype)).contiguous()
     yield f"{dst}.dt_bias", reader.get(f"{src}.dt_bias", dtype).to(state_dtype(dtype))
