@@ -256,7 +256,7 @@ def plan_build(spec: ModelSpec, host: Host, compute_dtype: str, target: str = BU
     tensors = len(spec.tensors) or spec.tensor_count or 0
     items = {
         "builder baseline": S.BUILD_BASELINE_RSS,
-        f"checkpoint index ({tensors} tensors)": tensors * S.BUILD_BYTES_PER_TENSOR,
+        "per-tensor bookkeeping": tensors * S.BUILD_BYTES_PER_TENSOR,
         "largest unit in flight": held,
         "allocator slack": min(held, S.BUILD_ALLOCATOR_SLACK),
     }

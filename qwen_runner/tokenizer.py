@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 
 from qwen_runner.errors import CheckpointError

@@ -67,7 +67,8 @@ def source_files(model_dir: Path) -> list[dict]:
     Memoized per process on every file's (name, size, mtime, inode): the planner and the loader both ask
     on one start, and hashing the 80B checkpoint's headers takes ~0.2 s.
     """
-    paths = sorted(model_dir.glob("*.safetensors")) + [model_dir / n for n in SOURCE_EXTRA_FILES if (model_dir / n).is_file()]
+    extra = [model_dir / name for name in SOURCE_EXTRA_FILES if (model_dir / name).is_file()]
+    paths = sorted(model_dir.glob("*.safetensors")) + extra
     key = (str(model_dir), *((p.name, st.st_size, st.st_mtime_ns, st.st_ino) for p in paths for st in [p.stat()]))
     hit = _SOURCE_MEMO.get(key)
     if hit is None:
