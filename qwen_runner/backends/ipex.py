@@ -9,6 +9,7 @@ fp16 -> bf16 -> fp32 chain as native (``runtime.open_model``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -72,32 +73,53 @@ class IpexModel:
 
 
 def _hf_config(path: Path, config: dict):
-    """transformers' config; 5.x writes ``num_local_experts`` where 4.51 reads ``num_experts``."""
+    """transformers 4.51's config of a checkpoint that 5.x may have written: 5.x writes
+    ``num_local_experts`` where 4.51 reads ``num_experts`` (default 128), and ``rope_parameters``
+    where 4.51 reads ``rope_theta`` (default 10000: silently different logits, cosine 0.995 here)."""
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(path)
     if "num_local_experts" in config and "num_experts" not in config:
         hf_config.num_experts = config["num_local_experts"]
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        hf_config.rope_theta = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        hf_config.rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     if getattr(hf_config, "quantization_config", None) is not None:
         del hf_config.quantization_config  # IPEX takes the int4 weights itself (low_precision_checkpoint)
     return hf_config
 
 
-def _woq_int4(path: Path, quant: dict) -> dict:
-    """ipex.llm.optimize kwargs for an int4 GPTQ-packed (AutoRound auto_gptq) checkpoint."""
+def _woq_int4(path: Path, quant: dict, dtype: str) -> dict:
+    """ipex.llm.optimize kwargs for an int4 GPTQ-packed (AutoRound auto_gptq) checkpoint; the int4
+    matmuls compute in the chain's dtype (lowp_mode), so a dtype that raises steps down here too."""
     import intel_extension_for_pytorch as ipex
     from safetensors.torch import load_file
 
     q = ipex.quantization
     group = int(quant.get("group_size", WOQ_GROUP_SIZE))
-    qconfig = q.get_weight_only_quant_qconfig_mapping(weight_dtype=q.WoqWeightDtype.INT4,
-                                                      lowp_mode=q.WoqLowpMode.BF16, group_size=group)
+    lowp = {"fp16": q.WoqLowpMode.FP16, "bf16": q.WoqLowpMode.BF16, "fp32": q.WoqLowpMode.NONE}[dtype]
+    qconfig = q.get_weight_only_quant_qconfig_mapping(weight_dtype=q.WoqWeightDtype.INT4, lowp_mode=lowp,
+                                                      group_size=group)
     state = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))
     low = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": bool(quant.get("desc_act", False)),
            "sym": bool(quant.get("sym", True))}
     return {"quantization_config": qconfig, "low_precision_checkpoint": (state, low)}
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 class IpexBackend(Backend):
@@ -129,9 +151,10 @@ class IpexBackend(Backend):
                                         "run it with --backend native")
         torch_dtype = DtypeChoice(dtype, "").torch_dtype()
         quant = config.get("quantization_config")
-        model = AutoModelForCausalLM.from_pretrained(path, config=_hf_config(path, config), torch_dtype=torch_dtype)
+        with _quiet_transformers():  # an int4 checkpoint's float weights are "missing": IPEX fills them next
+            model = AutoModelForCausalLM.from_pretrained(path, config=_hf_config(path, config), torch_dtype=torch_dtype)
         model.eval()
-        extra = _woq_int4(path, quant) if quant and int(quant.get("bits", 16)) == 4 else {}
+        extra = _woq_int4(path, quant, dtype) if quant and int(quant.get("bits", 16)) == 4 else {}
         model = ipex.llm.optimize(model, dtype=torch_dtype, inplace=True, deployment_mode=False, **extra)
         log.info("ipex.llm.optimize applied (%s%s)", dtype, ", weight-only int4" if extra else "")
         return IpexModel(model, torch_dtype), load_tokenizer(path), inspect_checkpoint(path)
