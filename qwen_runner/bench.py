@@ -138,12 +138,12 @@ class Runner:
 
 def plan_configs(options: BenchOptions, dtype: str) -> list[Config]:
     """Every configuration one repeat measures, in the order they are interleaved."""
-    configs = [Config(MAIN, OURS, "ready", dtype), Config(MAIN, OURS, "raw", dtype)]
+    compares = [COMPARE_CHOICES[name] for name in options.compare]
     if options.backend != "native":  # ipex optimizes at load time: no cache tier to load or build
-        configs, options.measure_build, options.baseline = [Config(MAIN, OURS, "raw", dtype)], False, None
+        return [Config(MAIN, OURS, "raw", dtype)] + [Config(MAIN, i, "checkpoint", c or dtype) for i, c in compares]
+    configs = [Config(MAIN, OURS, "ready", dtype), Config(MAIN, OURS, "raw", dtype)]
     if options.measure_build:
         configs.append(Config(MAIN, BUILD, BUILD, dtype))
-    compares = [COMPARE_CHOICES[name] for name in options.compare]
     configs += [Config(MAIN, impl, "checkpoint", cdtype or dtype) for impl, cdtype in compares]
     if options.baseline is not None:
         configs.append(Config(BASELINE, OURS, "ready", dtype))

@@ -310,6 +310,9 @@ def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compa
     from qwen_runner.checkpoint import resolve_model_dir
     from qwen_runner.threads import active_config
 
+    if backend != "native" and baseline:
+        raise QwenRunnerError(f"--baseline needs the native backend (--backend {backend} has no ready tier to compare)",
+                              "drop --baseline, or bench each checkpoint with --backend ipex separately")
     options = BenchOptions(resolve_model_dir(model), prompt_tokens, gen_tokens, repeats,
                            thread_counts or [active_config().threads], dtype, tuple(dict.fromkeys(compare)),
                            resolve_model_dir(baseline) if baseline else None, measure_build=not skip_build,

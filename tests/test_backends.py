@@ -93,7 +93,7 @@ def test_registry_native_default_and_unknown_names():
         get_backend("onnx")
 
 
-def test_ipex_missing_says_which_versions(monkeypatch, cli):
+def test_ipex_missing_says_which_versions(monkeypatch):
     from qwen_runner import backends
 
     monkeypatch.setattr(backends, "_dist_version", lambda name: None)

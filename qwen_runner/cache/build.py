@@ -6,10 +6,13 @@ Stages, explicit even when a tier is not written to disk:
   tensors stacked into ``[E, ...]``). Written only when the later stages cannot run yet (int4
   checkpoints until their repacking lands: ``--tier raw``); for float checkpoints the safetensors files
   already are per-tensor mmap-able raw storage, so a copy would add nothing.
-- ``optimized``: the backend's layout: our parameter names, fused qkv / gate+up, experts stacked, cast
-  to the chosen dtype (``models.model_state_from_checkpoint``, which streams per layer).
-- ``ready``: exactly what the runtime mmaps. For the ``native`` backend it is the optimized tier as is,
-  so the optimized tier is not written twice.
+- ``optimized``: the backend's layout (``Backend.optimize``; native: our parameter names, fused qkv /
+  gate+up, experts stacked, cast to the chosen dtype, streamed per layer).
+- ``ready``: exactly what the runtime mmaps (``Backend.ready``). For the ``native`` backend it is the
+  optimized tier as is, so the optimized tier is not written twice.
+
+The dtype is the chain's (``precision.walk_chain``): a backend kernel raising at its probe or during
+the build moves the build one step down (fp16 -> bf16 -> fp32); the manifest records how.
 
 Only one unit is in flight: peak memory is the runtime baseline plus the largest unit, independent of
 the model size. A unit already in the manifest with the right size and checksum is kept, so a rerun after
