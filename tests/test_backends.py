@@ -193,3 +193,18 @@ def test_list_entries_still_reads_manifests_with_precision(cpu, cache_root):
     cpu(BF16_CPU)
     build_cache(model_path("tiny-qwen3-moe"), layers=1)
     assert any((e.manifest or {}).get("precision", {}).get("final") == "bf16" for e in list_entries())
+
+
+def test_every_dtype_raising_in_build_cache_is_one_line(cpu, cache_root, monkeypatch, capsys):
+    """fp32 raising too, from the CLI: exit 1 and one line naming the stage and the steps, no traceback."""
+    from qwen_runner.cli import main
+
+    cpu(BF16_CPU)
+    monkeypatch.setattr(native.BACKEND, "probe", raising_for(set(precision.CHAIN)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["build-cache", str(model_path("tiny-qwen3-moe"))])
+    code, err = exit_.value.code, capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err
+    assert "no dtype works here: fp32 kernels failed at probe" in lines[0] and "bf16 -> fp32" in lines[0]
+    assert "hint:" in lines[0]
