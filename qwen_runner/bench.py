@@ -52,6 +52,7 @@ class BenchOptions:
     compare: tuple[str, ...] = ()
     baseline: Path | None = None
     measure_build: bool = True
+    backend: str = "native"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Runner:
     def spawn(self, impl: str, threads: int, dtype: str, source: str | None = None, model: str = MAIN) -> dict:
         opts = self.options
         spec = {"impl": impl, "model": str(self.model_path(model)), "threads": threads, "dtype": dtype,
+                "backend": opts.backend,
                 "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "started": time.time()}
         with tempfile.TemporaryDirectory(prefix="qwen-runner-bench-build-") as scratch:
             # raw: an empty cache so nothing is found; build: a fresh one so everything is built.
@@ -129,17 +131,19 @@ class Runner:
     def build_ready(self, dtype: str, model: str = MAIN) -> None:
         env = {**os.environ, "QWEN_RUNNER_CACHE": str(self.cache_dir)}
         proc = subprocess.run([sys.executable, "-m", "qwen_runner", "build-cache", str(self.model_path(model)),
-                               "--dtype", dtype], env=env, capture_output=True, text=True)
+                               "--dtype", dtype, "--backend", self.options.backend], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise QwenRunnerError(f"could not build the ready tier: {proc.stderr.strip().splitlines()[-1:]}")
 
 
 def plan_configs(options: BenchOptions, dtype: str) -> list[Config]:
     """Every configuration one repeat measures, in the order they are interleaved."""
+    compares = [COMPARE_CHOICES[name] for name in options.compare]
+    if options.backend != "native":  # ipex optimizes at load time: no cache tier to load or build
+        return [Config(MAIN, OURS, "raw", dtype)] + [Config(MAIN, i, "checkpoint", c or dtype) for i, c in compares]
     configs = [Config(MAIN, OURS, "ready", dtype), Config(MAIN, OURS, "raw", dtype)]
     if options.measure_build:
         configs.append(Config(MAIN, BUILD, BUILD, dtype))
-    compares = [COMPARE_CHOICES[name] for name in options.compare]
     configs += [Config(MAIN, impl, "checkpoint", cdtype or dtype) for impl, cdtype in compares]
     if options.baseline is not None:
         configs.append(Config(BASELINE, OURS, "ready", dtype))
@@ -174,6 +178,8 @@ def run_bench(options: BenchOptions, cache_dir: Path, progress=lambda message: N
                     result = runner.spawn(config.impl, threads, config.dtype, config.source, config.model)
                     samples.setdefault((config, threads), []).append(result)
     env["load_average_end"] = list(os.getloadavg())
+    # The dtype our engine ended with and why (every step down the fp16 -> bf16 -> fp32 chain, if any).
+    env["precision"] = next((r[0].get("precision") for (c, _t), r in samples.items() if c.impl == OURS), None)
     return _report(options, spec, dtype, env, samples, probes)
 
 

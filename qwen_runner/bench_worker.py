@@ -43,7 +43,7 @@ def ours(spec: dict) -> dict:
     from qwen_runner.models.quantized import describe_kernel
     from qwen_runner.runtime import open_model
 
-    loaded = open_model(spec["model"], spec["dtype"])
+    loaded = open_model(spec["model"], spec["dtype"], spec.get("backend", "native"))
     loaded_at = time.time()
     prompt = _prompt(spec["prompt_tokens"])
     stats, first_token_at = None, None
@@ -57,6 +57,8 @@ def ours(spec: dict) -> dict:
     return {
         "source": "ready" if loaded.from_ready else "raw",
         "dtype": loaded.dtype.dtype,
+        "backend": loaded.backend,
+        "precision": loaded.precision.as_dict() if loaded.precision else None,
         "load_s": loaded.load_seconds,
         "start_to_first_token_s": (first_token_at or time.time()) - spec["started"],
         "start_to_loaded_s": loaded_at - spec["started"],
@@ -110,7 +112,7 @@ def build(spec: dict) -> dict:
     from qwen_runner.cache import build_cache
 
     start = time.perf_counter()
-    result = build_cache(spec["model"], spec["dtype"], progress=False)
+    result = build_cache(spec["model"], spec["dtype"], spec.get("backend", "native"), progress=False)
     if not result.complete or result.kept:
         raise SystemExit(f"expected a full build from an empty cache, got {result}")
     return {"source": "build", "dtype": spec["dtype"], "build_s": time.perf_counter() - start,
