@@ -31,8 +31,8 @@ from torch import nn
 
 from qwen_runner.errors import CheckpointError
 from qwen_runner.models import deltanet, quantized
-from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary, attend,
-                                       gemv_threads, matmul_backend, thread_limit)
+from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary,
+                                       attend, gemv_threads, matmul_backend, thread_limit)
 from qwen_runner.models.qwen3_moe import _fused, _stacked_experts, rope_theta_of, sparse_layer_pattern
 
 log = logging.getLogger(__name__)
