@@ -314,7 +314,8 @@ def format_report(report: dict) -> str:
     ]
     if report.get("baseline"):
         lines.append(f"baseline model: {report['baseline']}")
-    for model, kernel in sorted({(r["model"], r["weight_kernel"]) for r in report["results"] if r.get("weight_kernel")}):
+    kernels = {(r["model"], r["weight_kernel"]) for r in report["results"] if r.get("weight_kernel")}
+    for model, kernel in sorted(kernels):
         lines.append(f"int4 weights ({model}): {kernel}")
     lines.append(f"{'thr':>3} {'impl':<25}{'source':<11}{'dtype':<6}{'load s':>8}{'start->1st s':>13}"
                  f"{'prefill t/s':>12}{'TTFT s':>8}{'decode t/s':>11}{'GB/s':>7}{'of probe':>9}{'peak RSS':>10}")

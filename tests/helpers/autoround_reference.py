@@ -34,7 +34,8 @@ def main() -> None:
     model.to(dtype).eval()
     with torch.inference_mode():
         logits = model(ids).logits[0].float()
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, max_new_tokens=int(new_tokens),
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
+                                   max_new_tokens=int(new_tokens),
                                    min_new_tokens=int(new_tokens), do_sample=False)
     torch.save({"logits": logits, "tokens": generated[0, ids.shape[1]:].tolist()}, out)
 
