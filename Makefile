@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export OMP_WAIT_POLICY ?= PASSIVE
 export QWEN_RUNNER_MODELS := $(abspath $(MODELS))
 
-.PHONY: chat test test-slow bench models models-bench venv clean help
+.PHONY: chat test test-slow bench models models-bench venv ipex-venv test-ipex clean help
 
 help:
 	@echo "make chat       chat with the built-in demo model (sets everything up)"
@@ -19,6 +19,8 @@ help:
 	@echo "make test-slow  the slow tests (CI runs them too)"
 	@echo "make bench      benchmark the demo model"
 	@echo "make models     build the demo and test models into $(MODELS)/"
+	@echo "make ipex-venv  optional: .venv-ipex with torch 2.8 + IPEX 2.8 for --backend ipex (~7 GB)"
+	@echo "make test-ipex  the IPEX backend tests, in .venv-ipex"
 	@echo "make clean      remove the virtual env and built models"
 
 $(VENV)/bin/python:
@@ -40,7 +42,7 @@ models: $(VENV)/.installed
 	$(PY) scripts/make_test_models.py --out $(MODELS)
 
 models-bench: $(VENV)/.installed
-	$(PY) scripts/make_test_models.py --out $(MODELS) --only bench-qwen3-moe,bench-qwen3-next
+	$(PY) scripts/make_test_models.py --out $(MODELS) --only bench-qwen3-moe,bench-qwen3-next,bench-qwen3-moe-int4,bench-qwen3-next-int4
 
 chat: $(VENV)/.installed
 	$(PY) scripts/make_test_models.py --out $(MODELS) --only demo
@@ -57,5 +59,23 @@ bench: $(VENV)/.installed
 	$(PY) scripts/make_test_models.py --out $(MODELS) --only demo
 	$(VENV)/bin/qwen-runner bench $(MODELS)/demo
 
+# The optional IPEX backend lives in its own env: IPEX 2.8 (its last release) pins torch 2.8 and its
+# LLM path validates transformers 4.51.3. PyPI's torch 2.8 is the CUDA build: ~4 GB download, ~7 GB env,
+# ~6 min here; it runs on CPU. Not part of `make test`.
+IPEX_VENV ?= .venv-ipex
+IPEX_PINS := torch==2.8.0 intel-extension-for-pytorch==2.8.0 transformers==4.51.3
+IPEX_DEPS := safetensors psutil click tqdm huggingface_hub pytest
+
+$(IPEX_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(IPEX_VENV)
+	$(IPEX_VENV)/bin/python -m pip install --quiet $(IPEX_PINS) $(IPEX_DEPS)
+	$(IPEX_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+ipex-venv: $(IPEX_VENV)/.installed
+
+test-ipex: $(IPEX_VENV)/.installed models
+	$(IPEX_VENV)/bin/python -m pytest tests/test_backend_ipex.py $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(MODELS) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(IPEX_VENV) $(MODELS) .pytest_cache .hypothesis *.egg-info

@@ -52,6 +52,7 @@ class BenchOptions:
     compare: tuple[str, ...] = ()
     baseline: Path | None = None
     measure_build: bool = True
+    backend: str = "native"
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Runner:
     def spawn(self, impl: str, threads: int, dtype: str, source: str | None = None, model: str = MAIN) -> dict:
         opts = self.options
         spec = {"impl": impl, "model": str(self.model_path(model)), "threads": threads, "dtype": dtype,
+                "backend": opts.backend,
                 "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "started": time.time()}
         with tempfile.TemporaryDirectory(prefix="qwen-runner-bench-build-") as scratch:
             # raw: an empty cache so nothing is found; build: a fresh one so everything is built.
@@ -131,17 +133,19 @@ class Runner:
     def build_ready(self, dtype: str, model: str = MAIN) -> None:
         env = {**os.environ, "QWEN_RUNNER_CACHE": str(self.cache_dir)}
         proc = subprocess.run([sys.executable, "-m", "qwen_runner", "build-cache", str(self.model_path(model)),
-                               "--dtype", dtype], env=env, capture_output=True, text=True)
+                               "--dtype", dtype, "--backend", self.options.backend], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise QwenRunnerError(f"could not build the ready tier: {proc.stderr.strip().splitlines()[-1:]}")
 
 
 def plan_configs(options: BenchOptions, dtype: str) -> list[Config]:
     """Every configuration one repeat measures, in the order they are interleaved."""
+    compares = [COMPARE_CHOICES[name] for name in options.compare]
+    if options.backend != "native":  # ipex optimizes at load time: no cache tier to load or build
+        return [Config(MAIN, OURS, "raw", dtype)] + [Config(MAIN, i, "checkpoint", c or dtype) for i, c in compares]
     configs = [Config(MAIN, OURS, "ready", dtype), Config(MAIN, OURS, "raw", dtype)]
     if options.measure_build:
         configs.append(Config(MAIN, BUILD, BUILD, dtype))
-    compares = [COMPARE_CHOICES[name] for name in options.compare]
     configs += [Config(MAIN, impl, "checkpoint", cdtype or dtype) for impl, cdtype in compares]
     if options.baseline is not None:
         configs.append(Config(BASELINE, OURS, "ready", dtype))
@@ -176,6 +180,8 @@ def run_bench(options: BenchOptions, cache_dir: Path, progress=lambda message: N
                     result = runner.spawn(config.impl, threads, config.dtype, config.source, config.model)
                     samples.setdefault((config, threads), []).append(result)
     env["load_average_end"] = list(os.getloadavg())
+    # The dtype our engine ended with and why (every step down the fp16 -> bf16 -> fp32 chain, if any).
+    env["precision"] = next((r[0].get("precision") for (c, _t), r in samples.items() if c.impl == OURS), None)
     return _report(options, spec, dtype, env, samples, probes)
 
 
@@ -214,6 +220,7 @@ def _report(options, spec, dtype, env, samples, probes) -> dict:
             else:
                 values = [r[metric] for r in runs if r.get(metric) is not None]
             row[metric] = _summary(values) if values else None
+        row["weight_kernel"] = next((r["weight_kernel"] for r in runs if r.get("weight_kernel")), None)  # int4
         if row["gbps"]:
             row["bandwidth_fraction"] = row["gbps"]["median"] / bandwidth[str(threads)]["median"]
         results.append(row)
@@ -309,6 +316,9 @@ def format_report(report: dict) -> str:
     ]
     if report.get("baseline"):
         lines.append(f"baseline model: {report['baseline']}")
+    kernels = {(r["model"], r["weight_kernel"]) for r in report["results"] if r.get("weight_kernel")}
+    for model, kernel in sorted(kernels):
+        lines.append(f"int4 weights ({model}): {kernel}")
     lines.append(f"{'thr':>3} {'impl':<25}{'source':<11}{'dtype':<6}{'load s':>8}{'start->1st s':>13}"
                  f"{'prefill t/s':>12}{'TTFT s':>8}{'decode t/s':>11}{'GB/s':>7}{'of probe':>9}{'peak RSS':>10}")
 

@@ -40,9 +40,10 @@ def probe(spec: dict) -> dict:
 
 def ours(spec: dict) -> dict:
     from qwen_runner.generate import stream_generate
+    from qwen_runner.models.quantized import describe_kernel
     from qwen_runner.runtime import open_model
 
-    loaded = open_model(spec["model"], spec["dtype"])
+    loaded = open_model(spec["model"], spec["dtype"], spec.get("backend", "native"))
     loaded_at = time.time()
     prompt = _prompt(spec["prompt_tokens"])
     stats, first_token_at = None, None
@@ -56,6 +57,8 @@ def ours(spec: dict) -> dict:
     return {
         "source": "ready" if loaded.from_ready else "raw",
         "dtype": loaded.dtype.dtype,
+        "backend": loaded.backend,
+        "precision": loaded.precision.as_dict() if loaded.precision else None,
         "load_s": loaded.load_seconds,
         "start_to_first_token_s": (first_token_at or time.time()) - spec["started"],
         "start_to_loaded_s": loaded_at - spec["started"],
@@ -64,13 +67,15 @@ def ours(spec: dict) -> dict:
         "decode_tps": stats.decode_tps,
         "generated_tokens": stats.generated_tokens,
         "bytes_per_token": loaded.bytes_per_token,
+        "weight_kernel": describe_kernel(loaded.model),
     }
 
 
 def transformers_generate(spec: dict) -> dict:
-    """transformers' own generate, greedy, on the same checkpoint; decode rate from two lengths."""
+    """transformers' own generate, greedy, on the same checkpoint; decode rate from token timestamps."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
 
     from qwen_runner.precision import TORCH_DTYPE_NAMES
 
@@ -81,16 +86,33 @@ def transformers_generate(spec: dict) -> dict:
     ids = torch.tensor([_prompt(spec["prompt_tokens"])])
     mask = torch.ones_like(ids)
 
-    def run(n: int) -> float:
-        begin = time.perf_counter()
+    class TokenClock(BaseStreamer):
+        """generate() hands the streamer the prompt, then each new token: their arrival times."""
+
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(n: int) -> TokenClock:
+        clock = TokenClock()
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
-        return time.perf_counter() - begin
+                           pad_token_id=0, streamer=clock)
+        return clock
 
-    first = run(1)  # prefill + first token, cold as a user's first request
+    begin = time.perf_counter()
+    run(1)  # prefill + first token, cold as a user's first request
+    first = time.perf_counter() - begin
     first_token_at = time.time()
-    full = run(spec["gen_tokens"])
+    # Decode from the token timestamps of one warm run: the difference of two runs' totals mixes in
+    # the cold first call and went negative on short runs.
+    times = run(spec["gen_tokens"]).times[1:]
+    decode_s = times[-1] - times[0]
     return {
         "source": "checkpoint",
         "dtype": spec["dtype"],
@@ -98,7 +120,7 @@ def transformers_generate(spec: dict) -> dict:
         "start_to_first_token_s": first_token_at - spec["started"],
         "prefill_tps": spec["prompt_tokens"] / first,
         "ttft_s": first,
-        "decode_tps": (spec["gen_tokens"] - 1) / max(full - first, 1e-9),
+        "decode_tps": (len(times) - 1) / decode_s if len(times) > 1 and decode_s > 0 else None,
         "generated_tokens": spec["gen_tokens"],
     }
 
@@ -108,7 +130,7 @@ def build(spec: dict) -> dict:
     from qwen_runner.cache import build_cache
 
     start = time.perf_counter()
-    result = build_cache(spec["model"], spec["dtype"], progress=False)
+    result = build_cache(spec["model"], spec["dtype"], spec.get("backend", "native"), progress=False)
     if not result.complete or result.kept:
         raise SystemExit(f"expected a full build from an empty cache, got {result}")
     return {"source": "build", "dtype": spec["dtype"], "build_s": time.perf_counter() - start,

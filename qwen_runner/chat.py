@@ -43,11 +43,10 @@ def eos_token_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
-    if model_dir is not None and (model_dir / "generation_config.json").is_file():
-        from transformers import GenerationConfig
+    if model_dir is not None:
+        from qwen_runner.tokenizer import generation_eos_ids
 
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ids.update(generation_eos_ids(model_dir))
     return sorted(ids)
 
 

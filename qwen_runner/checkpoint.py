@@ -338,6 +338,10 @@ class ModelSpec:
     active_by_role: dict[str, int] = field(default_factory=dict)
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     largest_tensor_bytes: dict[str, int] = field(default_factory=dict)  # per dtype
+    # Set when ``tensors`` is left empty (a spec restored from a cache manifest: no per-tensor table).
+    tensor_count: int | None = None
+    # Values held by int8 linears: the runtime dequantizes them to the compute dtype (models.quantized).
+    int8_values: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -397,7 +401,7 @@ class ModelSpec:
             "vocab_size": c.vocab_size,
             "dtype": c.dtype,
             "quantization": self.quant.describe() if self.quant else None,
-            "tensors": len(self.tensors),
+            "tensors": len(self.tensors) if self.tensor_count is None else self.tensor_count,
             "shards": len(self.shards),
             "total_bytes": self.total_bytes,
             "file_data_bytes": self.file_data_bytes,
@@ -447,7 +451,7 @@ def _check_quant(spec: ModelSpec, packed: list[str]) -> None:
             raise CheckpointError(f"inconsistent checkpoint: {module}.qweight has no {module}.scales")
         key = (spec.tensors[module + ".qweight"].shape, scales.shape, spec.quant.for_layer(module))
         if key not in checked:
-            Q.check_packed_linear(module, *key)
+            Q.check_packed_linear(module, *key, awq=spec.quant.awq)
             checked.add(key)
 
 
@@ -493,4 +497,12 @@ def _inspect(model_dir: Path) -> ModelSpec:
     spec = ModelSpec(model_dir, config, quant, tensors, shards)
     _check_quant(spec, tally.packed)
     _account(spec, tally)
+    spec.int8_values = _int8_values(spec, tally.packed)
     return spec
+
+
+def _int8_values(spec: ModelSpec, packed: list[str]) -> int:
+    """Weights stored as int8 (qweight: 4 values per int32, i.e. one value per byte)."""
+    if spec.quant is None:
+        return 0
+    return sum(spec.tensors[m + ".qweight"].nbytes for m in packed if spec.quant.for_layer(m).bits == 8)

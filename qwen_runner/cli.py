@@ -30,6 +30,13 @@ def _model_option(func):
     return click.argument("model", metavar="MODEL")(func)
 
 
+def _backend_option(func):
+    from qwen_runner.backends import BACKENDS, DEFAULT_BACKEND
+
+    return click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True,
+                        help="native: stock PyTorch; ipex: intel-extension-for-pytorch (optional, .venv-ipex).")(func)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qwen-runner")
 @click.option("--threads", type=int, default=None, help="Compute threads (default: physical cores usable here).")
@@ -92,7 +99,7 @@ def _memory_guard(stage: str, context_option: bool = False):
             from qwen_runner.planner import require
 
             require(kwargs["model"], stage, kwargs.get("max_context") or S.DEFAULT_MAX_CONTEXT, memory_budget, force,
-                    kwargs.get("dtype"))
+                    kwargs.get("dtype"), build_target=kwargs.get("tier") or "ready")
             if "force" in wanted:
                 kwargs["force"] = force
             if "max_context" not in wanted:
@@ -114,7 +121,7 @@ def _memory_guard(stage: str, context_option: bool = False):
 @_model_option
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Weight dtype of the cache (auto: what chat would pick on this CPU).")
-@click.option("--backend", default="native", show_default=True, help="Backend whose layout to build.")
+@_backend_option
 @click.option("--tier", type=click.Choice(["ready", "raw"]), default="ready", show_default=True,
               help="Build up to this tier (raw: normalized checkpoint tensors only, e.g. int4 checkpoints today).")
 @click.option("--rebuild", is_flag=True, help="Discard existing shards and build everything again.")
@@ -222,10 +229,11 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed):
 @click.option("--max-tokens", type=int, default=S.DEFAULT_CHAT_MAX_TOKENS, show_default=True)
 @click.option("--build-cache", "build_first", is_flag=True,
               help="Build (or finish) the ready tier first, with a progress bar, so this and later starts are fast.")
+@_backend_option
 @_sampling_options(S.DEFAULT_CHAT_TEMPERATURE, S.DEFAULT_CHAT_TOP_K, S.DEFAULT_CHAT_TOP_P)
 @_memory_guard("run")
-def chat(model, prompt, system, think, hide_thinking, max_tokens, build_first, temperature, top_k, top_p, min_p,
-         repeat_penalty, seed, dtype, max_context):
+def chat(model, prompt, system, think, hide_thinking, max_tokens, build_first, backend, temperature, top_k, top_p,
+         min_p, repeat_penalty, seed, dtype, max_context):
     """Chat with MODEL: a streaming REPL with tokens/s after each answer."""
     from qwen_runner.chat import start_chat
     from qwen_runner.runtime import open_model
@@ -235,8 +243,8 @@ def chat(model, prompt, system, think, hide_thinking, max_tokens, build_first, t
     if build_first:
         from qwen_runner.cache import build_cache as build
 
-        build(model, dtype)
-    loaded = open_model(model, dtype)
+        build(model, dtype, backend)
+    loaded = open_model(model, dtype, backend)
     start_chat(loaded, prompt=prompt, system=system, think=think, show_thinking=not hide_thinking,
                max_context=max_context, max_tokens=max_tokens, sampling=sampling,
                history_file=S.load_settings().cache_dir / "chat_history", threads=active_config().threads)
@@ -246,7 +254,7 @@ def chat(model, prompt, system, think, hide_thinking, max_tokens, build_first, t
 @_model_option
 @click.option("--prompt", required=True, help="Text to continue (no chat template).")
 @click.option("--max-tokens", type=int, default=S.DEFAULT_GENERATE_MAX_TOKENS, show_default=True)
-@click.option("--backend", type=click.Choice(["native"]), default="native", show_default=True)
+@_backend_option
 @_sampling_options(0.0)
 @_memory_guard("run")
 def generate(model, prompt, max_tokens, backend, temperature, top_k, top_p, min_p, repeat_penalty, seed,
@@ -256,7 +264,7 @@ def generate(model, prompt, max_tokens, backend, temperature, top_k, top_p, min_
     from qwen_runner.runtime import open_model
 
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-    loaded = open_model(model, dtype)
+    loaded = open_model(model, dtype, backend)
     complete(loaded, prompt, max_tokens=max_tokens, sampling=sampling, max_context=max_context,
              out=sys.stdout, err=sys.stderr)
 
@@ -289,11 +297,12 @@ def _thread_list(ctx, param, value: str | None) -> list[int] | None:
               help="A second checkpoint measured in the same loop (our ready tier and every --compare), e.g. the "
                    "bf16 original of an int4 MODEL; ratios of MODEL against it are printed.")
 @click.option("--no-build", "skip_build", is_flag=True, help="Skip the build-cache measurement (time, peak RSS).")
+@_backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report (schema: docs/bench.md).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
 @_memory_guard("run", context_option=True)
-def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compare, baseline, skip_build, as_json,
-          output):
+def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compare, baseline, skip_build, backend,
+          as_json, output):
     """Measure load time, prefill/decode tok/s, TTFT, peak RSS and GB/s (medians over fresh processes)."""
     from pathlib import Path
 
@@ -301,9 +310,13 @@ def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compa
     from qwen_runner.checkpoint import resolve_model_dir
     from qwen_runner.threads import active_config
 
+    if backend != "native" and baseline:
+        raise QwenRunnerError(f"--baseline needs the native backend (--backend {backend} has no ready tier to compare)",
+                              "drop --baseline, or bench each checkpoint with --backend ipex separately")
     options = BenchOptions(resolve_model_dir(model), prompt_tokens, gen_tokens, repeats,
                            thread_counts or [active_config().threads], dtype, tuple(dict.fromkeys(compare)),
-                           resolve_model_dir(baseline) if baseline else None, measure_build=not skip_build)
+                           resolve_model_dir(baseline) if baseline else None, measure_build=not skip_build,
+                           backend=backend)
     report = run_bench(options, S.load_settings().cache_dir, progress=lambda m: log.info("bench: %s", m))
     problems = check_report(report)
     if problems:

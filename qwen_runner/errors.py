@@ -49,5 +49,11 @@ class BackendUnavailableError(QwenRunnerError):
     default_hint = "run `qwen-runner info` to see which backends are usable here"
 
 
+class KernelError(QwenRunnerError):
+    """Every dtype of the chain (down to fp32) raised in a kernel: nothing left to fall back to."""
+
+    default_hint = "rerun with --debug for the traceback and report it with the output of `qwen-runner info`"
+
+
 class ContextOverflowError(QwenRunnerError):
     default_hint = "shorten the prompt or raise --max-context"

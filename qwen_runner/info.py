@@ -21,6 +21,29 @@ def int4_kernel() -> dict:
     return {"name": "aten._weight_int4pack_mm_for_cpu", "available": available}
 
 
+def probed_precision(isa: dict) -> dict:
+    """The dtype chain as the native backend's probe walks it here (a kernel that raises steps down)."""
+    from qwen_runner.backends import get_backend
+
+    choice = precision.choose_dtype(isa)
+    record = precision.ChainRecord(choice.dtype, choice.reason)
+    precision.walk_chain(record, "probe", get_backend("native").probe)
+    return record.as_dict()
+
+
+def cache_precisions() -> list[dict]:
+    """Per cache entry: backend and the dtype its build ended with (with any steps down the chain)."""
+    from qwen_runner.cache import list_entries
+
+    out = []
+    for entry in list_entries():
+        m = entry.manifest or {}
+        if m.get("dtype") and m.get("precision"):
+            out.append({"entry": entry.folder.parent.name + "/" + entry.folder.name, "backend": m.get("backend"),
+                        "dtype": m["dtype"], "precision": m["precision"]})
+    return out
+
+
 def collect_info() -> dict:
     import torch
 
@@ -28,6 +51,7 @@ def collect_info() -> dict:
     memory = hardware.detect_memory()
     threads = active_config()
     choice = precision.choose_dtype(cpu.isa)
+    probed = probed_precision(cpu.isa)
     return {
         "qwen_runner": __version__,
         "python": platform.python_version(),
@@ -59,11 +83,13 @@ def collect_info() -> dict:
             "dtype": choice.dtype,
             "reason": choice.reason,
             "fallback_chain": list(precision.CHAIN[precision.CHAIN.index(choice.dtype):]),
+            "probed": probed,
             "matmul_kernel": precision.matmul_kernel(choice.dtype, cpu.isa),
             "int4_kernel": int4_kernel(),
             "decode_kernel": kernels.status(),
         },
         "cache_dir": str(load_settings().cache_dir),
+        "cache_precision": cache_precisions(),
     }
 
 
@@ -103,4 +129,9 @@ def format_info(info: dict) -> str:
         f"- {comp['decode_kernel']['reason']}",
         f"cache     {info['cache_dir']}",
     ]
+    probed = precision.ChainRecord.from_dict(comp["probed"])
+    if probed.fallbacks:
+        lines.insert(-2, f"probe     {probed.summary()}")
+    for entry in info.get("cache_precision", []):
+        lines.append(f"          {entry['entry']}: {precision.ChainRecord.from_dict(entry['precision']).summary()}")
     return "\n".join(lines)

@@ -5,8 +5,9 @@ A ``ModelSpec`` (headers only) plus a ``Host`` (RAM, swap, cgroup, optional budg
 Every constant is named in settings.py; docs/planner.md explains the model and its calibration.
 
 Stages:
-- ``build``: the cache builder streams one layer at a time, so its peak is the runtime baseline plus the
-  largest unit raw + converted + unpack scratch, never the whole model.
+- ``build``: the cache builder streams one unit (layer) at a time, so its peak is the builder's baseline
+  plus what it copies of the largest unit (stacked experts; cast, fused or rearranged tensors), never the
+  whole model.
 - ``run``: weights resident (or, from the ready tier, an mmap working set), the KV cache for
   ``--max-context``, Qwen3-Next's recurrent and conv state, activations, runtime overhead.
 """
@@ -21,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qwen_runner import settings as S
-from qwen_runner.checkpoint import DTYPE_BYTES, EXPERT, ModelSpec
+from qwen_runner.checkpoint import (
+    DENSE_MLP, DTYPE_BYTES, EMBEDDING, EXPERT, FINAL_NORM, LM_HEAD, SHARED_EXPERT, ModelSpec,
+)
 from qwen_runner.errors import InsufficientMemoryError, QwenRunnerError
 
 log = logging.getLogger(__name__)
@@ -151,12 +154,14 @@ class MemoryPlan:
 
 
 def resident_weight_bytes(spec: ModelSpec, compute_dtype: str) -> int:
-    """Weights once loaded: float tensors cast to the compute dtype, packed integers as they are."""
+    """Weights once loaded: float tensors cast to the compute dtype, packed int4 as it is, and int8
+    linears dequantized to the compute dtype (what models.quantized holds: one byte per value becomes
+    ``width`` bytes)."""
     width = COMPUTE_DTYPE_BYTES[compute_dtype]
     return sum(
         nbytes // DTYPE_BYTES[dtype] * width if dtype in FLOAT_DTYPES else nbytes
         for dtype, nbytes in spec.bytes_by_dtype.items()
-    )
+    ) + getattr(spec, "int8_values", 0) * (width - 1)
 
 
 def _scaled(nbytes: int, spec: ModelSpec, resident: int) -> int:
@@ -194,19 +199,70 @@ def _swap_advice(shortfall: int) -> str:
     return f"add {gib} GiB of swap: sudo {S.SWAP_SCRIPT} add {gib}G (remove it later with: sudo {S.SWAP_SCRIPT} remove)"
 
 
-def plan_build(spec: ModelSpec, host: Host, compute_dtype: str) -> StagePlan:
-    unit_raw = spec.largest_unit_bytes
-    resident = resident_weight_bytes(spec, compute_dtype)
-    # Scratch for one tensor at a time: a packed one is unpacked (x BUILD_UNPACK_FACTOR), a float one cast.
-    scratch = max(
-        nbytes * (1 if dtype in FLOAT_DTYPES else S.BUILD_UNPACK_FACTOR) for dtype, nbytes in spec.largest_tensor_bytes.items()
-    )
+BUILD_RAW, BUILD_READY = "raw", "ready"  # build-cache --tier
+_HF_DTYPE = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+# Tensors the ready stage rewrites even without a dtype change (fused q/k/v and gate+up, Qwen3-Next's
+# rearranged linear-attention inputs and fp32 state parameters); any other same-dtype tensor is passed
+# on as a view of the mmap'd checkpoint: file-backed pages, not anonymous memory.
+_REWRITTEN_SUFFIXES = (
+    "q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "k_proj.bias", "v_proj.bias",
+    "in_proj_qkvz.weight", "in_proj_ba.weight", "conv1d.weight", "A_log", "dt_bias",
+)
+_FUSED_MLP_SUFFIXES = ("gate_proj.weight", "up_proj.weight")
+_UNIT_OF_ROLE = {EMBEDDING: "embed", LM_HEAD: "head", FINAL_NORM: "head"}
+
+
+def build_unit_bytes(spec: ModelSpec, compute_dtype: str, target: str = BUILD_READY) -> int:
+    """Anonymous bytes the builder holds for its largest unit (a layer, the embedding or the head).
+
+    The builder streams one unit at a time and holds only the tensors it *copies*: per-expert tensors
+    stacked into ``[E, ...]`` (both tiers), and in the ready tier every tensor cast to another dtype,
+    fused or rearranged. Views of the mmap'd checkpoint are file-backed and evictable. A converted tied
+    embedding stays alive to the end (the lm_head is the same tensor). A quantized checkpoint's ready
+    build (int4 repacking) is counted whole. A spec without its tensor table (restored from a cache
+    manifest) gets the conservative whole-unit figure.
+    """
+    width, target_dtype = COMPUTE_DTYPE_BYTES[compute_dtype], _HF_DTYPE[compute_dtype]
+    if not spec.tensors:
+        return _scaled(spec.largest_unit_bytes, spec, resident_weight_bytes(spec, compute_dtype))
+    per_unit: dict[object, int] = {}
+    tied_embedding = 0
+    for info in spec.tensors.values():
+        unit = info.layer if info.layer is not None else _UNIT_OF_ROLE.get(info.role)
+        if unit is None:  # e.g. mtp.*: not cached
+            continue
+        stacked = info.role == EXPERT and info.expert is not None
+        if target == BUILD_RAW:
+            copied = info.nbytes if stacked else 0
+        else:
+            is_float = info.dtype in FLOAT_DTYPES
+            size = info.nbytes // DTYPE_BYTES[info.dtype] * width if is_float else info.nbytes
+            rewritten = (
+                stacked or spec.quant is not None or (is_float and info.dtype != target_dtype)
+                or info.name.endswith(_REWRITTEN_SUFFIXES)
+                or (info.role in (SHARED_EXPERT, DENSE_MLP) and info.name.endswith(_FUSED_MLP_SUFFIXES))
+            )
+            copied = size if rewritten else 0
+            if info.role == EMBEDDING and spec.config.tie_word_embeddings:
+                tied_embedding = copied
+        per_unit[unit] = per_unit.get(unit, 0) + copied
+    return max((held + (tied_embedding if unit != "embed" else 0) for unit, held in per_unit.items()), default=0)
+
+
+def plan_build(spec: ModelSpec, host: Host, compute_dtype: str, target: str = BUILD_READY) -> StagePlan:
+    """The builder's peak anonymous memory: its own baseline + the largest unit it holds (+ unpack scratch
+    when int4 is repacked). Calibrated against scripts/measure_build_memory.py (docs/planner.md)."""
+    held = build_unit_bytes(spec, compute_dtype, target)
+    tensors = len(spec.tensors) or spec.tensor_count or 0
     items = {
-        "runtime overhead": _runtime_overhead(),
-        "largest layer, raw": unit_raw,
-        "largest layer, converted": _scaled(unit_raw, spec, resident),
-        "conversion scratch": scratch,
+        "builder baseline": S.BUILD_BASELINE_RSS,
+        "per-tensor bookkeeping": tensors * S.BUILD_BYTES_PER_TENSOR,
+        "largest unit in flight": held,
+        "allocator slack": min(held, S.BUILD_ALLOCATOR_SLACK),
     }
+    if target == BUILD_READY and spec.quant is not None:
+        packed = [n for dtype, n in spec.largest_tensor_bytes.items() if dtype not in FLOAT_DTYPES]
+        items["int4 unpack scratch"] = max(packed, default=0) * S.BUILD_UNPACK_FACTOR
     stage = StagePlan(BUILD, items, sum(items.values()), host.available)
     _verdict(stage, host)
     if stage.verdict == REFUSE:
@@ -280,14 +336,27 @@ def ready_tier_exists(spec: ModelSpec) -> bool:
         return False
 
 
+def _ready_spec(model_dir: Path, dtype: str) -> ModelSpec | None:
+    try:
+        from qwen_runner.cache.load import ready_spec
+    except ImportError:
+        return None
+    try:
+        return ready_spec(model_dir, dtype)
+    except Exception as err:  # noqa: BLE001 - a broken cache only means "read the headers"; chat reports it
+        log.debug("ready tier spec unavailable: %s", err)
+        return None
+
+
 def make_plan(spec: ModelSpec, host: Host, max_context: int = S.DEFAULT_MAX_CONTEXT,
-              compute_dtype: str = "bf16", ready_tier: bool | None = None, disk_probe: bool = True) -> MemoryPlan:
+              compute_dtype: str = "bf16", ready_tier: bool | None = None, disk_probe: bool = True,
+              build_target: str = BUILD_READY) -> MemoryPlan:
     if max_context < 1:
         raise QwenRunnerError(f"--max-context {max_context} must be at least 1")
     if compute_dtype not in COMPUTE_DTYPE_BYTES:
         raise QwenRunnerError(f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPE_BYTES)}")
     ready = ready_tier_exists(spec) if ready_tier is None else ready_tier
-    build = plan_build(spec, host, compute_dtype)
+    build = plan_build(spec, host, compute_dtype, build_target)
     run, disk_bps, tok_s = plan_run(spec, host, max_context, compute_dtype, ready, disk_probe)
     return MemoryPlan(spec.summary(), host, max_context, compute_dtype, {BUILD: build, RUN: run}, disk_bps, tok_s)
 
@@ -300,17 +369,21 @@ def default_compute_dtype() -> str:
 
 
 def require(model: str, stage: str, max_context: int = S.DEFAULT_MAX_CONTEXT, budget: str | None = None,
-            force: bool = False, compute_dtype: str | None = None) -> MemoryPlan | None:
+            force: bool = False, compute_dtype: str | None = None, build_target: str = BUILD_READY) -> MemoryPlan | None:
     """Plan ``stage`` for MODEL before any heavy work; raise InsufficientMemoryError unless it fits or --force.
 
     Reads only config.json and safetensors headers, so refusing costs well under a second.
     """
     from qwen_runner.checkpoint import inspect_checkpoint, resolve_model_dir
 
-    spec = inspect_checkpoint(resolve_model_dir(model))
-    host = detect_host(budget if budget is not None else S.load_settings().memory_budget)
+    model_dir = resolve_model_dir(model)
     dtype = compute_dtype if compute_dtype in COMPUTE_DTYPE_BYTES else default_compute_dtype()
-    plan = make_plan(spec, host, max_context, dtype)
+    # Running from a current ready tier: its manifest holds the spec, so no header is read.
+    spec = _ready_spec(model_dir, dtype) if stage == RUN else None
+    ready = True if spec is not None else None
+    spec = spec or inspect_checkpoint(model_dir)
+    host = detect_host(budget if budget is not None else S.load_settings().memory_budget)
+    plan = make_plan(spec, host, max_context, dtype, ready_tier=ready, build_target=build_target)
     verdict = plan.stages[stage]
     if verdict.verdict == REFUSE:
         if force:

@@ -55,3 +55,69 @@ def matmul_kernel(dtype: str, isa: dict[str, bool]) -> str:
     if dtype == "fp16":
         return "oneDNN AMX-FP16" if isa.get("amx_fp16") else "oneDNN AVX512-FP16" if isa.get("avx512_fp16") else "emulated fp16"
     return "MKL sgemm (AVX-512)" if isa.get("avx512f") else "MKL sgemm (AVX2)" if isa.get("avx2") else "MKL sgemm"
+
+
+# ------------------------------------------------------------------------------------- walking the chain
+
+# What a kernel raises when it lacks a dtype (torch: RuntimeError "... not implemented for 'Half'", some
+# libraries NotImplementedError). Anything else (MemoryError, KeyboardInterrupt, our own
+# errors) is not a dtype problem and propagates.
+KERNEL_ERRORS = (RuntimeError, NotImplementedError)
+
+
+@dataclass
+class ChainRecord:
+    """How the dtype was decided: the first choice, why, and every step down with its error."""
+
+    chosen: str
+    reason: str
+    final: str = ""
+    fallbacks: list = None  # [{"dtype", "stage", "error"}]
+
+    def __post_init__(self):
+        self.final = self.final or self.chosen
+        self.fallbacks = list(self.fallbacks or [])
+
+    def as_dict(self) -> dict:
+        return {"chosen": self.chosen, "reason": self.reason, "final": self.final, "fallbacks": list(self.fallbacks)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ChainRecord:
+        return cls(data["chosen"], data.get("reason", ""), data.get("final", ""), data.get("fallbacks"))
+
+    def summary(self) -> str:
+        if not self.fallbacks:
+            return f"{self.final} ({self.reason})"
+        steps = "; ".join(f"{f['dtype']} failed at {f['stage']}: {f['error']}" for f in self.fallbacks)
+        return f"{self.final} (fell back from {self.chosen}: {steps})"
+
+
+def walk_chain(record: ChainRecord, stage, attempt, log=None):
+    """``attempt(dtype)`` from ``record.final`` down the chain until one does not raise a kernel error.
+
+    Each step down is logged as a warning and appended to ``record``; fp32 raising too is a
+    ``KernelError`` (one line, with a hint). ``stage`` names where (a callable: asked after the error,
+    for attempts with several stages). Returns ``attempt``'s result.
+    """
+    import logging
+
+    from qwen_runner.errors import KernelError
+
+    log = log or logging.getLogger(__name__)
+    while True:
+        dtype = record.final
+        try:
+            return attempt(dtype)
+        except KERNEL_ERRORS as err:
+            where = stage() if callable(stage) else stage
+            dtype = record.final  # the attempt may have moved it (adopting a cache built lower)
+            message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()[:200]
+            record.fallbacks.append({"dtype": dtype, "stage": where, "error": message})
+            lower = next_dtype(dtype)
+            if lower is None:
+                raise KernelError(
+                    f"no dtype works here: fp32 kernels failed at {where} ({message}) after "
+                    f"{' -> '.join(f['dtype'] for f in record.fallbacks)}",
+                ) from err
+            log.warning("%s kernels failed at %s (%s): falling back to %s", dtype, where, message, lower)
+            record.final = lower

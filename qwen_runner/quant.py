@@ -53,6 +53,12 @@ class QuantConfig:
     extra_config: dict[str, dict] = field(default_factory=dict)
 
     @property
+    def awq(self) -> bool:
+        """AWQ packing (AutoRound's asym default ``auto_round:auto_awq``): qweight ``[in, out/8]``, columns
+        interleaved, zero points stored as is; GPTQ packing is ``[in/8, out]`` with zero points minus 1."""
+        return "awq" in self.packing_format
+
+    @property
     def default(self) -> LayerQuant:
         return LayerQuant(self.bits, self.group_size, self.sym)
 
@@ -151,8 +157,12 @@ def parse_quantization_config(raw: object) -> QuantConfig | None:
     packing = raw.get("packing_format") or ("auto_round:auto_gptq" if method == AUTOROUND else "gptq")
     if not isinstance(packing, str):
         raise _bad(f"packing_format={packing!r} is not a string")
-    if method == AUTOROUND and "awq" in packing:
-        raise UnsupportedModelError(f"AutoRound packing_format {packing!r} is not supported", "re-export with auto_gptq packing")
+    if "awq" in packing and bits != 4:
+        raise UnsupportedModelError(f"AWQ packing at {bits} bits is not supported", "AWQ packing holds int4 only")
+    if raw.get("desc_act") is True:
+        raise UnsupportedModelError(
+            "act-order (desc_act) quantized checkpoints are not supported",
+            "re-export without act-order (desc_act=false), as AutoRound does by default")
     extra = raw.get("extra_config") or {}
     if not isinstance(extra, dict):
         raise _bad("extra_config is not an object")
@@ -171,19 +181,23 @@ def packed_in_features(qweight_rows: int, bits: int) -> int:
     return qweight_rows * PACK_CONTAINER_BITS // bits
 
 
-def check_packed_linear(module: str, qweight_shape: tuple, scales_shape: tuple, layer: LayerQuant) -> None:
+def check_packed_linear(module: str, qweight_shape: tuple, scales_shape: tuple, layer: LayerQuant,
+                        awq: bool = False) -> None:
     """The headers of a packed linear must agree with the bits and group size the config gives it.
 
-    qweight is [in * bits / 32, out] and scales [ceil(in / group), out]; a mismatch means the config and
-    the tensors were written by different exports.
+    qweight is [in * bits / 32, out] (AWQ: [in, out * bits / 32]) and scales [ceil(in / group), out]; a
+    mismatch means the config and the tensors were written by different exports.
     """
     if not layer.quantized:
         raise _bad(f"{module} has packed qweight but the config leaves it at {layer.bits} bits")
     if len(qweight_shape) != 2 or len(scales_shape) != 2:
         raise _bad(f"{module}: qweight/scales must be 2-D, got {list(qweight_shape)} / {list(scales_shape)}")
-    if qweight_shape[1] != scales_shape[1]:
-        raise _bad(f"{module}: qweight has {qweight_shape[1]} outputs, scales {scales_shape[1]}")
-    in_features = packed_in_features(qweight_shape[0], layer.bits)
+    if awq:
+        outputs, in_features = packed_in_features(qweight_shape[1], layer.bits), qweight_shape[0]
+    else:
+        outputs, in_features = qweight_shape[1], packed_in_features(qweight_shape[0], layer.bits)
+    if outputs != scales_shape[1]:
+        raise _bad(f"{module}: qweight has {outputs} outputs, scales {scales_shape[1]}")
     groups = 1 if layer.group_size == PER_CHANNEL_GROUP else -(-in_features // layer.group_size)
     if groups != scales_shape[0]:
         raise _bad(

@@ -1,7 +1,9 @@
-"""Opening a model for inference: resolve, choose the dtype, load, and time it.
+"""Opening a model for inference: resolve, choose the backend and dtype, load, and time it.
 
 The one place `chat`, `generate` and `bench` get a runnable model from, so the ready-tier
-cache (when current) and the memory planner plug in here once for all of them.
+cache (when current), the backend and the dtype chain plug in here once for all of them. The
+dtype walks down the chain (fp16 -> bf16 -> fp32, with a logged warning) when the backend's
+kernels raise at the probe, while loading or at the first forward (run here, on one token).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_runner import hardware, precision
-from qwen_runner.checkpoint import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class LoadedModel:
     dtype: precision.DtypeChoice
     load_seconds: float
     from_ready: bool = False
+    backend: str = "native"
+    precision: precision.ChainRecord | None = None
 
     @property
     def bytes_per_token(self) -> int | None:
@@ -42,24 +45,67 @@ def choose_dtype(requested: str = "auto") -> precision.DtypeChoice:
     return choice
 
 
-def open_model(model: str, dtype: str = "auto") -> LoadedModel:
-    """Load MODEL for inference: from its ready tier when that is current (mmap, nothing converted),
-    else from the checkpoint, logging why and how to build the ready tier."""
-    path = resolve_model_dir(model)
+def first_forward(model) -> None:
+    """One token through a throwaway cache: the kernels of every layer run once, before the user waits."""
+    import torch
+
+    model(torch.zeros((1, 1), dtype=torch.long), model.make_cache(2), last_only=True)
+
+
+def _load(path: Path, impl, dtype: str, record: precision.ChainRecord, where: dict):
+    """(model, tokenizer, spec, from_ready) at ``dtype``; sets ``where['stage']`` as it goes."""
     from qwen_runner.cache import open_ready
 
-    choice = choose_dtype(dtype)
-    start = time.perf_counter()
-    ready = open_ready(path, choice.dtype)
-    if ready is not None:
-        from qwen_runner.checkpoint import inspect_checkpoint
-        from qwen_runner.models.loader import load_tokenizer
-
-        loaded, tokenizer, spec = ready, load_tokenizer(path), inspect_checkpoint(path)
+    where["stage"] = "load"
+    custom = impl.load(path, dtype)
+    from_ready = False
+    if custom is not None:
+        model, tokenizer, spec = custom
     else:
-        from qwen_runner.models import load
+        model, manifest = open_ready(path, dtype, impl.name, with_manifest=True)
+        if model is not None:
+            from qwen_runner.cache.manifest import spec_from_record
+            from qwen_runner.models.loader import load_tokenizer
 
-        loaded, tokenizer, spec = load(path, dtype=choice.torch_dtype())
+            built = (manifest.get("precision") or {})
+            if manifest["dtype"] != dtype:  # its build fell back: adopt the steps it recorded
+                record.fallbacks += [f for f in built.get("fallbacks", []) if f not in record.fallbacks]
+                record.final = dtype = manifest["dtype"]
+            # The spec recorded in the manifest: the ready path reads no safetensors header.
+            spec = spec_from_record(manifest.get("spec") or {}, path)
+            if spec is None:  # a manifest written before the spec was recorded in it
+                from qwen_runner.checkpoint import inspect_checkpoint
+
+                spec = inspect_checkpoint(path)
+            tokenizer, from_ready = load_tokenizer(path), True
+        else:
+            from qwen_runner.models import load
+
+            model, tokenizer, spec = load(path, dtype=precision.DtypeChoice(dtype, "").torch_dtype())
+    model = impl.prepare(model, dtype)
+    where["stage"] = "first forward"
+    first_forward(model)
+    return model, tokenizer, spec, from_ready
+
+
+def open_model(model: str, dtype: str = "auto", backend: str = "native") -> LoadedModel:
+    """Load MODEL for inference: from its ready tier when that is current (mmap, nothing converted),
+    else from the checkpoint, logging why and how to build the ready tier."""
+    from qwen_runner.backends import get_backend
+    from qwen_runner.checkpoint import resolve_model_dir
+
+    path = resolve_model_dir(model)
+    impl = get_backend(backend)
+    impl.require()
+    choice = choose_dtype(dtype)
+    record = precision.ChainRecord(choice.dtype, choice.reason)
+    precision.walk_chain(record, "probe", impl.probe, log)
+    start = time.perf_counter()
+    where: dict = {}
+    loaded, tokenizer, spec, from_ready = precision.walk_chain(
+        record, lambda: where["stage"], lambda d: _load(path, impl, d, record, where), log)
     seconds = time.perf_counter() - start
-    log.info("loaded %s in %.2f s (%s)", path.name, seconds, "ready tier" if ready is not None else "checkpoint")
-    return LoadedModel(path, loaded, tokenizer, spec, choice, seconds, ready is not None)
+    log.info("loaded %s in %.2f s (%s)", path.name, seconds, "ready tier" if from_ready else "checkpoint")
+    log.info("backend %s, dtype %s", impl.name, record.summary())
+    final = precision.DtypeChoice(record.final, record.reason if not record.fallbacks else record.summary())
+    return LoadedModel(path, loaded, tokenizer, spec, final, seconds, from_ready, impl.name, record)

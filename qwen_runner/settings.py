@@ -97,11 +97,12 @@ DEFAULT_CHAT_TOP_K = 20
 # Memory planner (qwen_runner/planner.py, docs/planner.md). All sizes in bytes.
 GIB = 1024**3
 MIB = 1024**2
-# RSS of an idle process after `import torch, transformers` (torch 2.13 CPU, transformers 5.23), measured
-# here with psutil: 287 MiB. Every stage runs inside such a process, so it is part of every estimate.
-RUNTIME_BASELINE_RSS = 290 * MIB
-# The Qwen tokenizer (151k-token BPE) loaded by transformers: +82 MiB (tiny models' files) to +223 MiB
-# (demo's) measured over the baseline; 100 MiB is the allowance.
+# RSS of an idle process after `import torch` and qwen_runner's runtime modules (torch 2.13 CPU; the
+# runtime no longer imports transformers, which cost +64 MiB), measured here: 226 MiB. Every run stage
+# runs inside such a process, so it is part of every run estimate.
+RUNTIME_BASELINE_RSS = 230 * MIB
+# The Qwen tokenizer (151k-token BPE) loaded by qwen_runner.tokenizer (tokenizers + the jinja2 chat
+# template): +92 MiB measured over the baseline (tiny models and demo alike); 100 MiB is the allowance.
 TOKENIZER_RSS = 100 * MIB
 # oneDNN/AMX kernel init on the first forward, allocator slack, thread stacks: a fixed extra.
 RUNTIME_SLACK = 64 * MIB
@@ -120,9 +121,18 @@ ACTIVATION_DTYPE_BYTES = 4
 # Live fp32 copies of the hidden state per token in a layer's forward (residual, normed, attn out, ...).
 # Attention scores are not itemized: torch's CPU SDPA kernel works in blocks.
 ACTIVATION_HIDDEN_COPIES = 8
-# The builder converts one layer at a time: raw tensors in, converted tensors out, plus scratch for the
-# largest single tensor while it is unpacked (int4 -> int8 values, i.e. x2 of the packed bytes, and a
-# same-size repacked copy).
+# Anonymous RSS of `qwen-runner build-cache` before its first unit (python, torch, safetensors, tqdm; no
+# tokenizer): peak RssAnon of a tiny-qwen3-moe build measured 145-150 MiB here (scripts/measure_build_memory.py).
+BUILD_BASELINE_RSS = 150 * MIB
+# The builder's per-tensor bookkeeping: the header spec, the safetensors handles and name index, the
+# fingerprint. Measured +230 MiB for the 80B checkpoint's 222,447 tensors (~1,085 bytes each).
+BUILD_BYTES_PER_TENSOR = 1100
+# Freed unit buffers the allocator keeps mapped (glibc serves 128 KiB-32 MiB blocks from its heap, which
+# it trims lazily): measured +36-44 MiB over the live bytes on demo's bf16 and fp32 builds; counted as
+# min(largest unit held, this).
+BUILD_ALLOCATOR_SLACK = 40 * MIB
+# Scratch for the largest packed tensor while int4 is repacked (int4 -> int8 values, i.e. x2 of the
+# packed bytes, and a same-size repacked copy).
 BUILD_UNPACK_FACTOR = 3
 # Verdicts: ok while the peak stays under this share of available memory; tight up to all of it.
 PLAN_OK_FRACTION = 0.85

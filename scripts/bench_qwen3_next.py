@@ -32,8 +32,8 @@ MODEL = REPO / "models" / "bench-qwen3-next"
 PREFILL_TOKENS = 512
 DECODE_PROMPT_TOKENS = 32
 WARMUP_TOKENS = 2
-# transformers is the baseline; "ours-plain" is our model without oneDNN weight packing.
-ENGINES = ("transformers", "ours-plain", "ours")
+# transformers is the baseline.
+ENGINES = ("transformers", "ours")
 
 WORKER = r"""
 import json, sys, time, warnings
@@ -45,9 +45,8 @@ warnings.simplefilter("ignore")
 gen = torch.Generator().manual_seed(0)
 long_prompt = torch.randint(0, 150000, (1, prefill_n), generator=gen)
 short_prompt = torch.randint(0, 150000, (1, prompt_n), generator=gen)
-if engine.startswith("ours"):
-    from qwen_runner.models import load, qwen3_next
-    qwen3_next.PACK_ON_LOAD = engine == "ours"  # "ours-plain": plain F.linear, no oneDNN packing
+if engine == "ours":
+    from qwen_runner.models import load
     model, _, _ = load(path, torch.bfloat16)
     def prefill():
         cache = model.make_cache(prefill_n)

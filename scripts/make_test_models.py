@@ -178,6 +178,30 @@ def _common(**overrides) -> dict:
     return base
 
 
+def build_autoround(ctx: Context, dest: Path, seed: int, source: str, options: tuple[str, ...]) -> None:
+    """An AutoRound checkpoint of model ``source`` made by auto-round itself (RTN, iters=0).
+
+    scripts/quantize_autoround.py runs in its own process: auto-round patches transformers
+    process-wide, which would silently change every model this process builds afterwards.
+    """
+    import subprocess
+
+    src = ctx.out / source
+    build_one(RECIPES[source], ctx, force=False)  # a no-op when up to date
+    script = Path(__file__).resolve().parent / "quantize_autoround.py"
+    with step(f"auto-round RTN {' '.join(options)} of {source}"):
+        result = subprocess.run([sys.executable, script, str(src), str(dest), *options],
+                                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if result.returncode:
+            raise RuntimeError(f"quantize_autoround.py failed:\n{result.stderr[-3000:]}")
+    add_published_config_keys(dest)
+    copy_tokenizer(ctx, dest)
+
+
+def _autoround(source: str, *options: str):
+    return partial(build_autoround, source=source, options=options)
+
+
 # --- Recipes -----------------------------------------------------------------------------------
 
 
@@ -462,6 +486,17 @@ RECIPES: dict[str, Recipe] = {
             True,
             "Qwen3-Next, 4 layers (3 linear + 1 full), hidden 64, shared expert, random bf16",
         ),
+        Recipe("tiny-qwen3-moe-int4", 1, 0, _autoround("tiny-qwen3-moe", "--group-size", "32"), True,
+               "tiny-qwen3-moe quantized by auto-round: RTN int4 sym, group 32 (the tiny dims' largest)"),
+        Recipe("tiny-qwen3-moe-int4-asym", 1, 0, _autoround("tiny-qwen3-moe", "--group-size", "32", "--asym"), True,
+               "tiny-qwen3-moe, AutoRound RTN int4 asym g32 (auto_round:auto_awq packing)"),
+        Recipe("tiny-qwen3-moe-int4-mixed", 1, 0,
+               _autoround("tiny-qwen3-moe", "--group-size", "32", "--recipe", "mixed"), True,
+               "tiny-qwen3-moe, AutoRound 'mixed': experts int4, other linears int8, routers/lm_head 16-bit"),
+        Recipe("tiny-qwen2-moe-int4", 1, 0, _autoround("tiny-qwen2-moe", "--group-size", "32"), True,
+               "tiny-qwen2-moe, AutoRound RTN int4 sym g32"),
+        Recipe("tiny-qwen3-next-int4", 1, 0, _autoround("tiny-qwen3-next", "--group-size", "32"), True,
+               "tiny-qwen3-next, AutoRound RTN int4 sym g32 (in_proj_ba too small: 16-bit)"),
         Recipe(
             "demo",
             1,
@@ -486,6 +521,10 @@ RECIPES: dict[str, Recipe] = {
             False,
             "Qwen3-Next, 8 layers (3:1), hidden 1024, 64 experts top-8 + shared, random bf16",
         ),
+        Recipe("bench-qwen3-moe-int4", 1, 0, _autoround("bench-qwen3-moe", "--group-size", "128"), False,
+               "bench-qwen3-moe, AutoRound RTN int4 sym g128, ~0.9 GB"),
+        Recipe("bench-qwen3-next-int4", 1, 0, _autoround("bench-qwen3-next", "--group-size", "128"), False,
+               "bench-qwen3-next, AutoRound RTN int4 sym g128"),
     )
 }
 

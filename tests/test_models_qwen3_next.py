@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from qwen_runner.errors import ContextOverflowError
-from qwen_runner.models import deltanet, qwen3_next
+from qwen_runner.models import deltanet, layers, qwen3_next
 from qwen_runner.models.loader import CheckpointReader, build_model, model_state_from_checkpoint, read_config
 from tests.conftest import MODELS, model_path
 
 transformers = pytest.importorskip("transformers")
 
-PROMPT_LENGTHS = (1, 63, 64, 65, 200)  # around the 64-token DeltaNet chunk, and several chunks
+PROMPT_LENGTHS = (1, 63, 64, 65, 200)  # around DeltaNet chunk boundaries (ours 32, transformers 64), several chunks
 NEW_TOKENS = 32
 FP32_LOGITS_TOL = 1e-4
 BF16_TOP1_MIN = 0.95
@@ -144,6 +144,60 @@ def test_decode_after_prefill_equals_full_recompute(variant):
     assert (rest[0] - full[0, 131:]).abs().max().item() <= FP32_LOGITS_TOL
 
 
+@pytest.mark.parametrize("length", [1, 65])
+def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(variant, length):
+    """``last_only`` trims the last layer to one position: same last logits, same states after."""
+    ours, _, vocab, _ = variant
+    prompt = _prompt(length + 1, vocab)
+    ours.prefill_chunk, saved = 40, ours.prefill_chunk  # several internal prefill chunks, the last one short
+    try:
+        full_cache, last_cache = ours.make_cache(MAX_CONTEXT), ours.make_cache(MAX_CONTEXT)
+        full = ours(prompt[:, :length], full_cache)
+        last = ours(prompt[:, :length], last_cache, last_only=True)
+    finally:
+        ours.prefill_chunk = saved
+    assert last.shape == (1, 1, vocab)
+    assert (last[0, 0] - full[0, -1]).abs().max().item() <= FP32_LOGITS_TOL
+    step_full, step_last = ours(prompt[:, length:], full_cache), ours(prompt[:, length:], last_cache)
+    assert (step_last - step_full).abs().max().item() <= FP32_LOGITS_TOL
+
+
+def test_decode_threads_are_sized_per_mixer_and_moe(tiny_fp32, monkeypatch):
+    """Decode gives the mixer and the MoE of each layer their own thread count (their GEMVs differ
+    in size), from the largest matrix each reads, and restores the caller's thread count."""
+    ours, _ = tiny_fp32
+    sizes = ours._largest_layer_gemv_bytes()
+    for layer, (mixer, mlp) in zip(ours.layers, sizes):
+        attn = layer.linear_attn if layer.is_linear else layer.self_attn
+        projections = (attn.in_proj, attn.out_proj) if layer.is_linear else (attn.qkv_proj, attn.o_proj)
+        assert mixer == max(p.weight.nbytes for p in projections)
+        experts = layer.mlp.experts
+        assert mlp == max(experts.w13.nbytes // experts.num_experts, layer.mlp.shared_expert.w13.nbytes,
+                          layer.mlp.shared_expert.w2.nbytes, layer.mlp.gate.weight.nbytes)
+    seen = []
+    real_limit = qwen3_next.thread_limit
+
+    def spy(threads):
+        seen.append(threads)
+        return real_limit(threads)
+
+    monkeypatch.setattr(qwen3_next, "thread_limit", spy)
+    threshold = min(m for m, _ in sizes)  # every mixer gets 2 threads, every MoE 1 (its matrices are smaller)
+    assert all(mlp < threshold for _, mlp in sizes)
+    monkeypatch.setattr(layers, "MIN_GEMV_BYTES_PER_THREAD", threshold // 2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cache = ours.make_cache(MAX_CONTEXT)
+        ours(_prompt(5, ours.config_args.vocab_size), cache)
+        seen.clear()
+        ours(torch.tensor([[1]]), cache)
+        assert seen == [2, 1] * len(ours.layers)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_decode_is_a_state_update_only(variant, monkeypatch):
     """A decode step must not run the chunked (whole-sequence) kernel."""
     ours, _, vocab, _ = variant
@@ -179,6 +233,22 @@ def test_bf16_top1_agreement_on_tiny_model():
     output, gated norm); computing those in fp32 instead measured 80%."""
     agreement = _bf16_agreement(model_path("tiny-qwen3-next"), 151936)
     assert agreement >= BF16_TOP1_MIN, f"bf16 top-1 agreement {agreement:.3f}"
+
+
+def test_bf16_decode_matmuls_outside_onednn_agree():
+    """bf16 decode runs its one-row matmuls outside oneDNN (``layers.matmul_backend``), prefill
+    keeps oneDNN. Forcing oneDNN for decode too changes only the GEMV kernel's rounding."""
+    ours = _ours(model_path("tiny-qwen3-next"), torch.bfloat16)
+    prompt = _prompt(70, ours.config_args.vocab_size)
+    steps = {}
+    for native_max in (qwen3_next.NATIVE_MATMUL_MAX_TOKENS, 0):
+        ours.native_matmul_max_tokens = native_max
+        cache = ours.make_cache(80)
+        ours(prompt[:, :66], cache)
+        steps[native_max] = torch.cat([ours(prompt[:, t:t + 1], cache)[0] for t in range(66, 70)])
+    native, onednn = steps[qwen3_next.NATIVE_MATMUL_MAX_TOKENS], steps[0]
+    assert torch.equal(native.argmax(-1), onednn.argmax(-1))
+    assert (native - onednn).abs().max() <= BF16_DECODE_REL_TOL * onednn.abs().max()
 
 
 # --------------------------------------------------------------------------- cache
@@ -265,7 +335,7 @@ def test_deltanet_kernels_match_fp64_recurrence():
     truth = torch.stack([
         deltanet.recurrent_step(q[t].double(), k[t].double(), v[t].double(), g[t].double().exp(),
                                 beta[t].double(), truth_state) for t in range(length)])
-    for chunk in (16, deltanet.CHUNK):
+    for chunk in (16, deltanet.CHUNK, 64):
         state = start.clone()
         out = deltanet.chunked(q, k, v, g, beta, state, chunk=chunk)
         assert (out.double() - truth).abs().max() < 1e-5
@@ -273,6 +343,22 @@ def test_deltanet_kernels_match_fp64_recurrence():
     state = start.clone()
     steps = torch.stack([deltanet.recurrent_step(q[t], k[t], v[t], g[t].exp(), beta[t], state) for t in range(length)])
     assert (steps.double() - truth).abs().max() < 1e-5
+
+
+def test_fused_norms_match_the_reference_formulas():
+    """``l2norm`` and ``gated_rms_norm`` are single fused ``rms_norm`` calls; the formulas they replace:"""
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(7, 3, 128, generator=gen) * 3
+    x[0, 0] = 1e-4  # eps matters here
+    plain = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + deltanet.L2NORM_EPS)
+    assert torch.allclose(deltanet.l2norm(x), plain, rtol=1e-5, atol=1e-7)
+    gate, weight = torch.randn(7, 3, 128, generator=gen), torch.randn(128, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        xf = x.to(dtype).float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        expected = (weight.to(dtype) * normed).mul(torch.nn.functional.silu(gate.to(dtype).float())).to(dtype)
+        got = deltanet.gated_rms_norm(x, gate.to(dtype), weight.to(dtype), 1e-6, dtype)
+        assert torch.equal(got, expected)
 
 
 def test_causal_conv_carries_its_window():
@@ -290,35 +376,6 @@ def test_causal_conv_carries_its_window():
     padded = torch.nn.functional.conv1d(x.t().unsqueeze(0), weight.t().unsqueeze(1), padding=taps - 1,
                                         groups=channels)[0, :, :20].t()
     assert torch.allclose(whole, torch.nn.functional.silu(padded), atol=1e-6)
-
-
-def test_packed_bf16_weights_change_nothing():
-    """oneDNN-packed bf16 matmuls give the plain path's logits (and free the original weights).
-
-    Prefill is bit-identical (torch's plain bf16 matmul is oneDNN too). For one token torch's
-    plain path takes a different kernel, so decode agrees to bf16 rounding only.
-    """
-    if not qwen3_next.packing_available():
-        pytest.skip("oneDNN bf16 packing not available on this CPU")
-    path = model_path("tiny-qwen3-next")
-    packed = _ours(path, torch.bfloat16)
-    assert getattr(packed, "packed", False)
-    assert packed.lm_head.weight.untyped_storage().nbytes() <= 2  # the plain copy was released
-    qwen3_next.PACK_ON_LOAD, saved = False, qwen3_next.PACK_ON_LOAD
-    try:
-        config = read_config(path)
-        with torch.device("meta"):
-            plain = qwen3_next.Model.from_config(config)
-        plain.pack_on_load = False
-        plain.load_state_dict(dict(model_state_from_checkpoint(path, torch.bfloat16, config)), assign=True)
-    finally:
-        qwen3_next.PACK_ON_LOAD = saved
-    prompt = _prompt(70, packed.config_args.vocab_size)
-    a_cache, b_cache = packed.make_cache(80), plain.make_cache(80)
-    assert torch.equal(packed(prompt, a_cache), plain(prompt, b_cache))
-    step_packed, step_plain = packed(prompt[:, :1], a_cache), plain(prompt[:, :1], b_cache)
-    assert step_packed.argmax() == step_plain.argmax()
-    assert (step_packed - step_plain).abs().max() <= BF16_DECODE_REL_TOL * step_plain.abs().max()
 
 
 # --------------------------------------------------------------------------- loading

@@ -3,13 +3,15 @@
 Stages, explicit even when a tier is not written to disk:
 
 - ``raw``: the checkpoint's tensors of one unit, normalized (HF names, original dtypes, per-expert
-  tensors stacked into ``[E, ...]``). Written only when the later stages cannot run yet (int4
-  checkpoints until their repacking lands: ``--tier raw``); for float checkpoints the safetensors files
+  tensors stacked into ``[E, ...]``). Written only when asked for (``--tier raw``); for float checkpoints the safetensors files
   already are per-tensor mmap-able raw storage, so a copy would add nothing.
-- ``optimized``: the backend's layout: our parameter names, fused qkv / gate+up, experts stacked, cast
-  to the chosen dtype (``models.model_state_from_checkpoint``, which streams per layer).
-- ``ready``: exactly what the runtime mmaps. For the ``native`` backend it is the optimized tier as is,
-  so the optimized tier is not written twice.
+- ``optimized``: the backend's layout (``Backend.optimize``; native: our parameter names, fused qkv /
+  gate+up, experts stacked, cast to the chosen dtype, streamed per layer).
+- ``ready``: exactly what the runtime mmaps (``Backend.ready``). For the ``native`` backend it is the
+  optimized tier as is, so the optimized tier is not written twice.
+
+The dtype is the chain's (``precision.walk_chain``): a backend kernel raising at its probe or during
+the build moves the build one step down (fp16 -> bf16 -> fp32); the manifest records how.
 
 Only one unit is in flight: peak memory is the runtime baseline plus the largest unit, independent of
 the model size. A unit already in the manifest with the right size and checksum is kept, so a rerun after
@@ -26,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen_runner.backends.native import EMBED_UNIT, HEAD_UNIT, layer_unit
 from qwen_runner.cache import manifest as M
 from qwen_runner.cache.store import (
     RAW, READY, TIERS, CacheLock, CachePaths, cache_paths, ensure_dir, read_manifest, remove_stale_temps,
@@ -35,11 +38,8 @@ from qwen_runner.errors import BackendUnavailableError, CacheError, QwenRunnerEr
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("native",)
 BUILD_TARGETS = (RAW, READY)
-EMBED_UNIT, HEAD_UNIT = "embed", "head"
 RAW_DTYPE = "checkpoint"  # the dtype slot of a raw-tier entry's folder name: <model>-<fp>/checkpoint-<backend>/raw
-_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(.+)$")
 
 
@@ -55,23 +55,32 @@ class BuildResult:
     bytes_on_disk: int
 
 
-def layer_unit(index: int) -> str:
-    return f"layer-{index:03d}"
+def choose(dtype: str):
+    """The start of the dtype chain: 'auto' -> what this CPU's features pick (precision.choose_dtype)."""
+    from qwen_runner import hardware, precision
+
+    try:
+        choice = precision.choose_dtype(hardware.detect_cpu().isa, dtype)
+    except ValueError as err:
+        raise QwenRunnerError(f"--dtype {dtype}: {err}", "use auto, bf16, fp16 or fp32") from None
+    return precision.ChainRecord(choice.dtype, choice.reason)
 
 
 def resolve_dtype(dtype: str) -> str:
     """'auto' -> what `chat` would pick on this CPU, so the default build is the one `chat` loads."""
-    from qwen_runner import hardware, precision
-
-    try:
-        return precision.choose_dtype(hardware.detect_cpu().isa, dtype).dtype
-    except ValueError as err:
-        raise QwenRunnerError(f"--dtype {dtype}: {err}", "use auto, bf16, fp16 or fp32") from None
+    return choose(dtype).chosen
 
 
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise BackendUnavailableError(f"backend {backend!r} has no cache layout yet (available: {', '.join(BACKENDS)})")
+def cache_backend(backend: str):
+    """The ``Backend`` for a cache build: usable here and with a cache layout, else a one-line error."""
+    from qwen_runner.backends import get_backend
+
+    impl = get_backend(backend)
+    impl.require()
+    if not impl.has_cache_layout:
+        raise BackendUnavailableError(f"backend {backend} optimizes the model at load time; it has no cache tier",
+                                      f"run chat, generate or bench with --backend {backend} directly")
+    return impl
 
 
 def locate(model_dir: Path, dtype: str, backend: str, root: Path | None = None) -> tuple[CachePaths, list[dict]]:
@@ -88,15 +97,13 @@ def planned_units(num_layers: int, layers: int | None) -> list[str]:
 
 
 def tier_plan(quantized: bool, target: str) -> dict:
-    """Which tiers this build writes, and why the others add nothing (recorded in the manifest)."""
+    """Which tiers this build writes, and why the others add nothing (recorded in the manifest).
+
+    Quantized checkpoints take the same path: ``model_state_from_checkpoint`` unpacks and repacks them
+    for the int4 kernel (models.quantized), so the ready tier stores the packed layout."""
     if target == RAW:
         return {RAW: {"written": True, "why": "requested with --tier raw"},
                 "optimized": {"written": False, "why": "not requested"}, READY: {"written": False, "why": "not requested"}}
-    if quantized:
-        raise CacheError(
-            "int4/AutoRound checkpoints cannot be converted to the ready tier yet (repacking lands with the int4 backend)",
-            "build the raw tier only: `qwen-runner build-cache MODEL --tier raw`",
-        )
     return {
         RAW: {"written": False, "why": "the checkpoint's safetensors already are per-tensor mmap-able raw storage"},
         "optimized": {"written": False, "why": "for the native backend the optimized layout is the ready layout"},
@@ -159,37 +166,6 @@ def _normalized(reader, names: list[str]) -> dict:
     return dict(sorted(out.items()))
 
 
-def optimized_units(model_dir: Path, config: dict, torch_dtype, units: list[str]) -> Iterator[tuple[str, dict]]:
-    """Stage optimized: our layout in the chosen dtype, grouped per unit from the streaming converter."""
-    from qwen_runner.models import model_state_from_checkpoint
-
-    wanted = set(units)
-    state = model_state_from_checkpoint(model_dir, torch_dtype, config)
-    current, bucket = None, {}
-    try:
-        for name, tensor in state:
-            match = _LAYER_RE.match(name)
-            unit = layer_unit(int(match.group(1))) if match else (EMBED_UNIT if current in (None, EMBED_UNIT) else HEAD_UNIT)
-            if unit != current and bucket:
-                yield current, bucket
-                bucket = {}
-            if unit not in wanted:  # a --layers N partial build: stop converting
-                return
-            current = unit
-            bucket[name] = tensor
-        if bucket:
-            yield current, bucket
-    finally:
-        state.close()
-
-
-def ready_units(optimized: Iterator[tuple[str, dict]]) -> Iterator[tuple[str, dict]]:
-    """Stage ready: what the runtime mmaps. The native backend adds nothing to the optimized layout
-    beyond contiguity (a view would drag its whole storage into the shard)."""
-    for unit, tensors in optimized:
-        yield unit, {name: t.contiguous() for name, t in tensors.items()}
-
-
 class _Ties:
     """Tied weights (lm_head = embedding) are saved once and recorded in the manifest's ``ties``."""
 
@@ -238,22 +214,38 @@ def _reusable(old: dict | None, paths: CachePaths, files: list[dict], dtype: str
 def build_cache(model: str | Path, dtype: str = "auto", backend: str = "native", *, target: str = READY,
                 layers: int | None = None, rebuild: bool = False, wait: bool = False, root: Path | None = None,
                 progress: bool | None = None) -> BuildResult:
-    """Build (or finish, or refresh) the cache entry of ``model`` up to ``target``; see the module doc."""
-    from tqdm import tqdm
+    """Build (or finish, or refresh) the cache entry of ``model`` up to ``target``; see the module doc.
 
+    The dtype walks down the chain (fp16 -> bf16 -> fp32, logged) when the backend's kernels raise
+    at the probe or while building; the manifest's ``precision`` records the choice and every step.
+    """
+    from qwen_runner import precision
     from qwen_runner.checkpoint import inspect_checkpoint, resolve_model_dir
-    from qwen_runner.models.loader import read_config
 
     if target not in BUILD_TARGETS:
         raise CacheError(f"cannot build tier {target!r}", f"build one of: {', '.join(BUILD_TARGETS)}")
     if layers is not None and layers < 1:
         raise CacheError(f"--layers {layers} must be at least 1")
-    check_backend(backend)
+    impl = cache_backend(backend)
     model_dir = resolve_model_dir(str(model))
-    # The raw tier keeps the checkpoint's own dtypes: one raw entry serves every --dtype.
-    dtype = RAW_DTYPE if target == RAW else resolve_dtype(dtype)
     spec = inspect_checkpoint(model_dir)
     tiers = tier_plan(spec.quant is not None, target)
+    args = (model_dir, spec, impl, tiers, target, layers, rebuild, wait, root, progress)
+    if target == RAW:  # the raw tier keeps the checkpoint's own dtypes: one raw entry serves every --dtype
+        return _build(*args, RAW_DTYPE, None)
+    record = choose(dtype)
+    precision.walk_chain(record, "probe", impl.probe, log)
+    return precision.walk_chain(record, "build", lambda d: _build(*args, d, record), log)
+
+
+def _build(model_dir: Path, spec, impl, tiers: dict, target: str, layers: int | None, rebuild: bool, wait: bool,
+           root: Path | None, progress: bool | None, dtype: str, record) -> BuildResult:
+    """One build at one dtype (``record``: the dtype chain so far, written into the manifest)."""
+    from tqdm import tqdm
+
+    from qwen_runner.models.loader import read_config
+
+    backend = impl.name
     paths, files = locate(model_dir, dtype, backend, root)
     start = time.perf_counter()
     with CacheLock(paths.dir, wait=wait):
@@ -266,7 +258,9 @@ def build_cache(model: str | Path, dtype: str = "auto", backend: str = "native",
             old = None
         keep = _reusable(old, paths, files, dtype, backend, target, rebuild)
         units = planned_units(spec.config.num_layers, layers)
-        manifest = M.new_manifest(model_dir, files, dtype, backend, units, tiers, layers, target)
+        manifest = M.new_manifest(model_dir, files, dtype, backend, units, tiers, layers, target, spec)
+        if record is not None:
+            manifest["precision"] = record.as_dict()
         manifest["shards"] = {rel: keep[rel] for rel in (f"{target}/{u}.pt" for u in units) if rel in keep}
         manifest["ties"] = dict((old or {}).get("ties", {})) if manifest["shards"] else {}
         ensure_dir(paths.tier(target))
@@ -275,7 +269,7 @@ def build_cache(model: str | Path, dtype: str = "auto", backend: str = "native",
         if target == RAW:
             stream = raw_units(model_dir, spec, units)
         else:
-            stream = ready_units(optimized_units(model_dir, read_config(model_dir), _torch_dtype(dtype), units))
+            stream = impl.ready(impl.optimize(model_dir, read_config(model_dir), dtype, units), dtype)
         ties = _Ties()
         written = 0
         # progress=None: a bar only on a terminal (tqdm's own check); the ETA comes from tqdm's rate.
@@ -310,10 +304,4 @@ def build_cache(model: str | Path, dtype: str = "auto", backend: str = "native",
     return result
 
 
-def _torch_dtype(dtype: str):
-    from qwen_runner.precision import DtypeChoice
-
-    return DtypeChoice(dtype, "cache").torch_dtype()
-
-
-__all__ = ["BACKENDS", "BUILD_TARGETS", "BuildResult", "TIERS", "build_cache", "locate", "resolve_dtype"]
+__all__ = ["BUILD_TARGETS", "BuildResult", "TIERS", "build_cache", "locate", "resolve_dtype"]

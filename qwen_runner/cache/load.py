@@ -98,24 +98,63 @@ def load_ready_model(paths: CachePaths, manifest: dict, config: dict):
         return build_model(config, state.items())
 
 
+def find_ready_chain(model_dir: Path, dtype: str, backend: str = "native",
+                     root: Path | None = None) -> tuple[CachePaths, dict | None, list[M.Problem]]:
+    """``find_ready`` for ``dtype``, else for a lower dtype whose build fell back from ``dtype`` (its
+    kernels raised while building): the entry `build-cache` left for this request."""
+    from qwen_runner import precision
+
+    found = find_ready(model_dir, dtype, backend, root)
+    lower = precision.next_dtype(dtype)
+    while found[2] and lower is not None:
+        paths, manifest, problems = find_ready(model_dir, lower, backend, root)
+        failed = {f["dtype"] for f in ((manifest or {}).get("precision") or {}).get("fallbacks", [])}
+        if not problems and dtype in failed:
+            log.info("using the %s ready tier: the %s build fell back to it", lower, dtype)
+            return paths, manifest, problems
+        lower = precision.next_dtype(lower)
+    return found
+
+
 def ready_tier_exists(model_dir: Path | str, dtype: str = "auto", backend: str = "native") -> bool:
     """Planner hook: whether a current ready tier exists for this checkpoint (cheap checks only)."""
     from qwen_runner.cache.build import resolve_dtype
 
-    _paths, _manifest, problems = find_ready(Path(model_dir).resolve(), resolve_dtype(dtype), backend)
+    _paths, _manifest, problems = find_ready_chain(Path(model_dir).resolve(), resolve_dtype(dtype), backend)
     return not problems
 
 
-def open_ready(model_dir: Path, dtype: str, backend: str = "native"):
-    """The model from the current ready tier, or None (and the reason logged, with how to build it)."""
-    from qwen_runner.models.loader import read_config
-
-    paths, manifest, problems = find_ready(model_dir, dtype, backend)
+def current_ready(model_dir: Path, dtype: str, backend: str = "native") -> tuple[CachePaths, dict] | None:
+    """The current ready tier's (paths, manifest), or None (and the reason logged, with how to build it).
+    A lower dtype's entry counts when the build for ``dtype`` fell back to it (``find_ready_chain``)."""
+    paths, manifest, problems = find_ready_chain(model_dir, dtype, backend)
     if problems:
         first = problems[0]
         level = logging.INFO if manifest is None and first.file == M.MANIFEST else logging.WARNING
         log.log(level, "ready tier not used (%s); loading from the checkpoint. To load in seconds: %s",
                 first.line(), build_hint(model_dir, dtype, backend))
         return None
+    return paths, manifest
+
+
+def ready_spec(model_dir: Path, dtype: str, backend: str = "native"):
+    """The checkpoint's ModelSpec as the current ready tier's manifest recorded it (no header is read),
+    or None when there is no current ready tier or it predates the record."""
+    _paths, manifest, problems = find_ready_chain(model_dir, dtype, backend)
+    if problems or not manifest.get("spec"):
+        return None
+    return M.spec_from_record(manifest["spec"], model_dir)
+
+
+def open_ready(model_dir: Path, dtype: str, backend: str = "native", with_manifest: bool = False):
+    """The model from the current ready tier, or None (and the reason logged, with how to build it).
+    ``with_manifest``: ``(model, manifest)`` instead (the manifest says which dtype it holds)."""
+    from qwen_runner.models.loader import read_config
+
+    found = current_ready(model_dir, dtype, backend)
+    if found is None:
+        return (None, None) if with_manifest else None
+    paths, manifest = found
     log.info("loading the ready tier %s", paths.dir)
-    return load_ready_model(paths, manifest, read_config(model_dir))
+    model = load_ready_model(paths, manifest, read_config(model_dir))
+    return (model, manifest) if with_manifest else model

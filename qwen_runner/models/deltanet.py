@@ -13,7 +13,7 @@ Two forms compute it:
 - ``recurrent_step``: one token, a handful of in-place batched ops on the state (the decode hot
   path: nothing here depends on the context length).
 - ``chunked``: many tokens, the WY/UT form over chunks of ``CHUNK`` tokens. Everything inside a
-  chunk is batched over all chunks and heads at once (one triangular solve); only the hand-off of
+  chunk is batched over all chunks and heads at once (one triangular inverse); only the hand-off of
   the state from chunk to chunk is a Python loop (``T / CHUNK`` iterations of three batched matmuls).
 
 Layouts: activations are ``[T, heads, dim]``; the recurrent state is fp32 ``[Hv, Dk, Dv]`` and
@@ -23,12 +23,17 @@ is updated in place, so a cache can preallocate it once. Query/key heads are sha
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-# Tokens per chunk in the chunked form. Equal to transformers' default so the fp32 parity
-# tests compare the same summation order; any value gives the same result up to rounding.
-CHUNK = 64
+from qwen_runner.models.layers import rms_norm
+
+# Tokens per chunk in the chunked form; any value gives the same result up to rounding.
+# transformers uses 64; 32 halves the O(C^2) intra-chunk work and the triangular solve, which
+# measured faster for a 512-token prefill here (docs/qwen3_next.md); fp32 differences ~1e-7.
+CHUNK = 32
 # epsilon of the q/k L2 normalization (FLA's and transformers' ``l2norm``).
 L2NORM_EPS = 1e-6
 
@@ -60,9 +65,19 @@ def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> t
     return F.silu(out.to(x.dtype))
 
 
+@functools.cache
+def _l2norm_weight(dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((dim,), dim ** -0.5, dtype=dtype)
+
+
 def l2norm(x: torch.Tensor) -> torch.Tensor:
-    """``x / sqrt(sum(x^2) + eps)`` over the last dim, as transformers' (and FLA's) ``l2norm``."""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
+    """``x / sqrt(sum(x^2) + eps)`` over the last dim, as transformers' (and FLA's) ``l2norm``.
+
+    One fused ``F.rms_norm`` instead of five ops: ``rms_norm(x, eps / D) = x sqrt(D) / sqrt(sum(x^2) + eps)``,
+    so the ``1 / sqrt(D)`` is the norm's (constant) weight. Equal up to fp32 rounding.
+    """
+    dim = x.shape[-1]
+    return F.rms_norm(x, (dim,), _l2norm_weight(dim, x.dtype), eps=L2NORM_EPS / dim)
 
 
 def expand_heads(x: torch.Tensor, num_v_heads: int) -> torch.Tensor:
@@ -93,8 +108,10 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     Returns ``[T, Hv, Dv]`` fp32.
 
     Within a chunk with cumulative log decay ``c`` the delta-rule updates collapse to one
-    unit-lower-triangular system ``(I + A) [U | W] = [V_beta | K_beta exp(c)]``, solved for all
-    chunks and heads by one ``solve_triangular``. The scan over chunks then does, per chunk:
+    unit-lower-triangular system ``(I + A) [U | W] = [V_beta | K_beta exp(c)]``. One
+    ``solve_triangular`` against the identity gives ``(I + A)^-1`` for all chunks and heads
+    (a C-column right-hand side instead of Dk + Dv; transformers inverts it row by row in a
+    Python loop), then a matmul per right-hand side. The scan over chunks then does, per chunk:
     one read of the state for both ``W`` and the decayed queries, the chunk's output, and one
     rank-``chunk`` state update. Tensors are laid out chunk-major ``[N, H, C, D]`` so each
     chunk's slice is contiguous (no hidden copies inside the loop). The tail is zero-padded
@@ -104,27 +121,34 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     heads, dk, dv = state.shape
     pad = (-length) % chunk
 
-    def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        """``[T, H, ...]`` -> ``[N, H, C, ...]`` (one copy)."""
+    def to_chunks(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[T, H, ...]`` -> ``[N, H, C, ...]`` (one copy, into ``out`` if given)."""
         if pad:
             x = F.pad(x, (0, 0, 0, 0, 0, pad) if x.dim() == 3 else (0, 0, 0, pad))
-        x = x.reshape(-1, chunk, *x.shape[1:])
-        return x.transpose(1, 2).contiguous()
+        x = x.reshape(-1, chunk, *x.shape[1:]).transpose(1, 2)
+        return x.contiguous() if out is None else out.copy_(x)
 
-    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
-    k_beta = k * beta.unsqueeze(-1)
+    g, beta, v = to_chunks(g), to_chunks(beta), to_chunks(v)
+    n = g.shape[0]
+    # k and q share one buffer, so one batched product gives k.k (the system) and q.k (the scores)
+    kq = torch.empty(n, heads, 2 * chunk, dk, dtype=q.dtype)
+    k, q = to_chunks(k, kq[:, :, :chunk]), to_chunks(q, kq[:, :, chunk:])
     cum = g.cumsum(-1)                                                    # [N, H, C]
     upper = torch.ones(chunk, chunk, dtype=torch.bool).triu_(1)
     # decay between positions j <= i of a chunk; masked to -inf above the diagonal before exp
     pair = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(upper, float("-inf")).exp_()
-    system = (k_beta @ k.transpose(-1, -2)).mul_(pair)                   # (I + A) - I, strictly lower
-    intra = (q @ k.transpose(-1, -2)).mul_(pair)                          # causal, decayed q.k within a chunk
+    scores = kq @ k.transpose(-1, -2)                                     # [N, H, 2C, C]
+    system = scores[..., :chunk, :].mul_(pair).mul_(beta.unsqueeze(-1))   # (I + A) - I, strictly lower
+    intra = scores[..., chunk:, :].mul_(pair)                             # causal, decayed q.k within a chunk
+    # (I + A)^-1 from one triangular solve against the identity (C right-hand columns, not Dk + Dv)
+    eye = torch.eye(chunk, dtype=state.dtype).expand_as(system)
+    inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
     cum_exp = cum.exp().unsqueeze(-1)
-    rhs = torch.cat((v * beta.unsqueeze(-1), k_beta * cum_exp), dim=-1)
-    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    new_values = solved[..., :dv]
+    new_values = inverse @ (v * beta.unsqueeze(-1))
     # rows [0, C): W (what the old state predicts for each update), rows [C, 2C): decayed queries
-    readers = torch.cat((solved[..., dv:], q * cum_exp), dim=-2)          # [N, H, 2C, Dk]
+    readers = torch.empty_like(kq)                                        # [N, H, 2C, Dk]
+    torch.mul(q, cum_exp, out=readers[:, :, chunk:])
+    readers[:, :, :chunk] = inverse @ (k * (beta.unsqueeze(-1) * cum_exp))
     k_tail = (k * (cum[..., -1:] - cum).exp().unsqueeze(-1)).transpose(-1, -2).contiguous()  # [N, H, Dk, C]
     chunk_decay = cum[..., -1].exp()[..., None, None]                     # [N, H, 1, 1]
     out = torch.empty(q.shape[0], heads, chunk, dv, dtype=state.dtype)
@@ -147,6 +171,5 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     the delta-rule output is first rounded to ``dtype``, normalized in fp32, rounded again
     before the weight multiply, and the SiLU gate is applied in fp32.
     """
-    xf = x.to(dtype).float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-    return (weight * normed).mul(F.silu(gate.float())).to(dtype)
+    # layers.rms_norm rounds exactly there: fp32 norm (fused), cast, then the weight multiply
+    return rms_norm(x.to(dtype), weight, eps).mul(F.silu(gate.float())).to(dtype)

@@ -23,6 +23,8 @@ from types import ModuleType
 import torch
 
 from qwen_runner.errors import CheckpointError, UnsupportedModelError
+from qwen_runner.models import quantized
+from qwen_runner.quant import parse_quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +158,13 @@ def model_state_from_checkpoint(path: str | Path, dtype: torch.dtype | None = No
     module = architecture_module(architecture_of(config))
     args = module.Model.args_from_config(config)
     reader = CheckpointReader(path)
-    yield from module.checkpoint_state(reader, args, dtype or checkpoint_dtype(config))
+    dtype = dtype or checkpoint_dtype(config)
+    qconfig = parse_quantization_config(config.get("quantization_config"))
+    if qconfig is None:
+        yield from module.checkpoint_state(reader, args, dtype)
+    else:  # unpacked per linear, fused/stacked by the architecture, packed for the int4 kernel here
+        yield from quantized.pack_for_runtime(
+            module.checkpoint_state(quantized.QuantizedReader(reader, qconfig), args, dtype), dtype)
     leftover = reader.unused()
     if leftover:
         log.warning("%d checkpoint tensors unused, e.g. %s", len(leftover), leftover[0])
@@ -168,6 +176,7 @@ def build_model(config: dict, state: Iterable[tuple[str, torch.Tensor]]) -> torc
     with torch.device("meta"):
         model = module.Model.from_config(config)
     tensors = dict(state)
+    quantized.adapt(model, tensors)  # int4-packed weights (from a checkpoint or the ready tier) -> int4 modules
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
@@ -196,25 +205,16 @@ def _spec(path: Path, config: dict):
 
 def load(model_path: str | Path, dtype: torch.dtype | None = None):
     """``(model, tokenizer, spec)`` for a checkpoint dir; ``dtype=None`` keeps the checkpoint's dtype."""
-    from transformers import AutoTokenizer
-
     path = Path(model_path)
     config = read_config(path)
     dtype = dtype or checkpoint_dtype(config)
     model = build_model(config, model_state_from_checkpoint(path, dtype, config))
     log.info("loaded %s (%s, %s)", path.name, model.architecture, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load the tokenizer from {path}: {err}") from err
-    return model, tokenizer, _spec(path, config)
+    return model, load_tokenizer(path), _spec(path, config)
 
 
 def load_tokenizer(model_path: str | Path):
-    """The checkpoint's tokenizer alone (the ready-tier cache loads weights itself; added for qwen_runner.cache)."""
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer alone: the lean one (qwen_runner.tokenizer) unless only transformers can."""
+    from qwen_runner.tokenizer import load_tokenizer as load_lean
 
-    try:
-        return AutoTokenizer.from_pretrained(Path(model_path))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load the tokenizer from {model_path}: {err}") from err
+    return load_lean(model_path)

@@ -16,9 +16,10 @@ from torch import nn
 
 from qwen_runner import kernels
 from qwen_runner.errors import UnsupportedModelError
+from qwen_runner.models import quantized
 from qwen_runner.models.layers import (
-    Attention, CausalLM, DenseMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, SparseMoE, gemv_threads,
-    matmul_backend, thread_limit,
+    Attention, CausalLM, DenseMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, SparseMoE, StackedExperts,
+    gemv_threads, matmul_backend, thread_limit,
 )
 
 log = logging.getLogger(__name__)
@@ -182,23 +183,20 @@ class Model(CausalLM):
         return self.lm_head(self.norm(x)).float().unsqueeze(0)
 
     def _largest_layer_gemv_bytes(self) -> int:
-        """Bytes of the largest single weight matrix a decoded token reads inside the layers."""
+        """Bytes of the largest single weight matrix a decoded token reads inside the layers
+        (an expert's share of a stacked tensor; int4 weights count at their packed size)."""
         if self._layer_gemv_bytes is None:
-            sizes = [1]
-            for layer in self.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                sizes += [attn.qkv_proj.weight.nbytes, attn.o_proj.weight.nbytes]
-                if isinstance(mlp, SparseMoE):
-                    experts = mlp.experts.w13.shape[0]
-                    sizes += [mlp.experts.w13.nbytes // experts, mlp.experts.w2.nbytes // experts]
-                    if self.dtype is torch.bfloat16 and kernels.active():
-                        # the fused C++ MoE op reads the top-k experts in one call
-                        sizes.append((mlp.experts.w13.nbytes + mlp.experts.w2.nbytes) * mlp.top_k // experts)
-                    if mlp.shared_expert is not None:
-                        sizes += [mlp.shared_expert.w13.nbytes, mlp.shared_expert.w2.nbytes]
-                else:
-                    sizes += [mlp.w13.nbytes, mlp.w2.nbytes]
-            self._layer_gemv_bytes = max(sizes)
+            experts = self.config_args.num_experts or 1
+            self._layer_gemv_bytes = max([1] + [
+                p.nbytes // (experts if ".experts." in name else 1)
+                for name, p in self.layers.named_parameters() if p.dim() >= 2])
+            if self.dtype is torch.bfloat16 and kernels.active():
+                # the fused C++ MoE op reads the top-k experts' w13 and w2 in one call
+                for layer in self.layers:
+                    experts = getattr(layer.mlp, "experts", None)
+                    if isinstance(experts, StackedExperts) and experts.w13.dtype is torch.bfloat16:
+                        fused = (experts.w13.nbytes + experts.w2.nbytes) * layer.mlp.top_k // experts.num_experts
+                        self._layer_gemv_bytes = max(self._layer_gemv_bytes, fused)
         return self._layer_gemv_bytes
 
     def _layers(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -216,6 +214,8 @@ class Model(CausalLM):
 def _fused(reader, keys: list[str], dtype: torch.dtype) -> torch.Tensor:
     """Concatenate checkpoint tensors along dim 0 into one new tensor (qkv, gate+up)."""
     parts = [reader.get(k) for k in keys]
+    if any(isinstance(p, quantized.QWeight) for p in parts):
+        return quantized.cat_rows([p if isinstance(p, quantized.QWeight) else p.to(dtype) for p in parts])
     out = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype)
     begin = 0
     for p in parts:
@@ -226,6 +226,8 @@ def _fused(reader, keys: list[str], dtype: torch.dtype) -> torch.Tensor:
 
 def _stacked_experts(reader, prefix: str, num_experts: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert ``{gate,up,down}_proj`` -> ``w13 [E, 2I, H]``, ``w2 [E, H, I]``, one expert at a time."""
+    if isinstance(reader.get(f"{prefix}.0.down_proj.weight"), quantized.QWeight):
+        return quantized.stacked_experts(reader, prefix, num_experts, dtype)
     w13 = w2 = None
     for e in range(num_experts):
         gate = reader.get(f"{prefix}.{e}.gate_proj.weight")
@@ -249,6 +251,8 @@ def checkpoint_state(reader, args: ModelArgs, dtype: torch.dtype) -> Iterator[tu
     """
     embed = reader.get("model.embed_tokens.weight", dtype)
     yield "embed_tokens.weight", embed
+    if not args.tie_word_embeddings:
+        embed = None  # else the cache builder would hold the embedding through every layer
     for i, sparse in enumerate(args.sparse_layers):
         src, dst = f"model.layers.{i}", f"layers.{i}"
         yield f"{dst}.input_layernorm.weight", reader.get(f"{src}.input_layernorm.weight", dtype)

@@ -30,17 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_runner.errors import CheckpointError
-from qwen_runner.models import deltanet, packing
-from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary, attend)
+from qwen_runner.models import deltanet, quantized
+from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary,
+                                       attend, gemv_threads, matmul_backend, thread_limit)
 from qwen_runner.models.qwen3_moe import _fused, _stacked_experts, rope_theta_of, sparse_layer_pattern
 
 log = logging.getLogger(__name__)
-packing_available = packing.packing_available
 
 ARCHITECTURE = "Qwen3NextForCausalLM"
 LINEAR, FULL = "linear_attention", "full_attention"
 # Tokens per internal prefill step: bounds the attention scores, the DeltaNet chunk tensors and MoE buffers.
 DEFAULT_PREFILL_CHUNK = 512
+# Forwards of at most this many tokens run their matmuls on the one-row GEMV path instead of
+# oneDNN (see layers.matmul_backend); prefill keeps oneDNN.
+NATIVE_MATMUL_MAX_TOKENS = 1
 # transformers' defaults for keys older configs may omit.
 DEFAULT_FULL_ATTENTION_INTERVAL = 4
 DEFAULT_CONV_KERNEL = 4
@@ -244,7 +247,9 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, zero_centered=True)
 
     def forward(self, x: torch.Tensor, cache: HybridCache, slot: int,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor], last_only: bool = False) -> torch.Tensor:
+        """``x [T, H]`` -> ``[T, H]``, or ``[1, H]`` for the last position only if ``last_only``
+        (keys and values of every position still go to the cache)."""
         length, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
         qg = qkv[:, :self.qg_size].view(length, self.heads, 2 * d)
@@ -254,7 +259,10 @@ class GatedAttention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = cache.kv.write(slot, k.transpose(0, 1), v.transpose(0, 1))
-        out = attend(q.transpose(0, 1), keys, values, cache.length, self.scale)
+        start = cache.length
+        if last_only:
+            q, qg, start, length = q[-1:], qg[-1:], start + length - 1, 1
+        out = attend(q.transpose(0, 1), keys, values, start, self.scale)
         gate = qg[..., d:].reshape(length, -1)
         return self.o_proj(out.mul_(torch.sigmoid(gate)))
 
@@ -283,7 +291,9 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = nn.Parameter(torch.empty(self.dv), requires_grad=False)
         self.out_proj = nn.Linear(self.value_dim, args.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int, last_only: bool = False) -> torch.Tensor:
+        """``x [T, H]`` -> ``[T, H]``, or ``[1, H]`` for the last position only if ``last_only``
+        (the states still advance over every position)."""
         length = x.shape[0]
         proj = self.in_proj(x)
         z_end = self.conv_dim + self.value_dim
@@ -302,6 +312,8 @@ class GatedDeltaNet(nn.Module):
         else:
             core = deltanet.chunked(q, k, v, g, beta, state)
         z = proj[:, self.conv_dim:z_end].view(length, self.hv, self.dv)
+        if last_only:
+            core, z, length = core[-1:], z[-1:], 1
         out = deltanet.gated_rms_norm(core, z, self.norm_weight, self.eps, x.dtype)
         return self.out_proj(out.reshape(length, self.value_dim))
 
@@ -324,13 +336,21 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: HybridCache, slot: int, rope, last_only: bool = False,
+                threads: tuple[int, int] | None = None) -> torch.Tensor:
+        """``last_only``: the mixer still updates the cache for every position, but only the last
+        position goes on (residual, MoE), as only its logits are wanted. ``threads``: at most this
+        many threads for (the mixer, the MLP/MoE), for decode, whose GEMVs differ in size."""
+        mixer_threads, mlp_threads = threads or (torch.get_num_threads(),) * 2
         h = self.input_layernorm(x)
-        if self.is_linear:
-            h = x + self.linear_attn(h, cache, slot)
-        else:
-            h = x + self.self_attn(h, cache, slot, rope)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        with thread_limit(mixer_threads):
+            if self.is_linear:
+                h = self.linear_attn(h, cache, slot, last_only)
+            else:
+                h = self.self_attn(h, cache, slot, rope, last_only)
+        h = h + (x[-1:] if last_only else x)
+        with thread_limit(mlp_threads):
+            return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Model(CausalLM):
@@ -349,7 +369,8 @@ class Model(CausalLM):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.rotary_dim, args.rope_theta)
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK
-        self.pack_on_load = PACK_ON_LOAD
+        self.native_matmul_max_tokens = NATIVE_MATMUL_MAX_TOKENS
+        self._layer_gemv_bytes: list[tuple[int, int]] | None = None
         # layer i -> its slot in the KV cache (full) or in the state tensors (linear)
         counters = {LINEAR: 0, FULL: 0}
         self.slots: list[int] = []
@@ -359,13 +380,6 @@ class Model(CausalLM):
 
     def make_cache(self, max_context: int) -> HybridCache:
         return HybridCache(self.config_args, max_context, self.dtype)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Adopt the weights, then (bf16 only) repack the matmul weights for oneDNN; see ``pack_weights``."""
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if self.pack_on_load and self.dtype in packing.PACKABLE_DTYPES and packing_available():
-            pack_weights(self)
-        return result
 
     def cache_bytes(self, max_context: int) -> int:
         return cache_bytes(self.config_args, max_context, self.dtype)
@@ -378,50 +392,46 @@ class Model(CausalLM):
         if length == 0:
             raise ValueError("forward needs at least one token")
         cache.check_room(length)
+        decode = length <= self.native_matmul_max_tokens
+        threads = torch.get_num_threads()
         hidden = []
-        for begin in range(0, length, self.prefill_chunk):
-            x = self._layers(ids[begin:begin + self.prefill_chunk], cache)
-            if not last_only or begin + self.prefill_chunk >= length:
-                hidden.append(x[-1:] if last_only else x)
-        x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-        return self.lm_head(self.norm(x)).float().unsqueeze(0)
+        with matmul_backend(onednn=not decode):
+            # decode: the layers' GEMVs are small, so they run on fewer threads than the lm_head
+            layer_threads = ([(gemv_threads(mixer, threads), gemv_threads(mlp, threads))
+                              for mixer, mlp in self._largest_layer_gemv_bytes()] if decode else None)
+            for begin in range(0, length, self.prefill_chunk):
+                final = begin + self.prefill_chunk >= length
+                x = self._layers(ids[begin:begin + self.prefill_chunk], cache, last_only and final, layer_threads)
+                if not last_only or final:
+                    hidden.append(x)
+            x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+            return self.lm_head(self.norm(x)).float().unsqueeze(0)
 
-    def _layers(self, ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    def _largest_layer_gemv_bytes(self) -> list[tuple[int, int]]:
+        """Per layer, bytes of the largest single weight matrix a decoded token reads in (the
+        mixer, the MLP/MoE); for stacked experts, one expert's slice."""
+        if self._layer_gemv_bytes is None:
+            def largest(module: nn.Module) -> int:
+                return max([1] + [p.nbytes // p.shape[0] if name.startswith("experts.") else p.nbytes
+                                  for name, p in module.named_parameters()])
+            self._layer_gemv_bytes = [
+                (largest(layer.linear_attn if layer.is_linear else layer.self_attn), largest(layer.mlp))
+                for layer in self.layers]
+        return self._layer_gemv_bytes
+
+    def _layers(self, ids: torch.Tensor, cache: HybridCache, last_only: bool = False,
+                layer_threads: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Hidden states ``[T, H]``; with ``last_only`` the last layer finishes only the last position;
+        ``layer_threads``: per layer, ``DecoderLayer.forward``'s ``threads``."""
         length = ids.shape[0]
         x = self.embed_tokens(ids)
         rope = self.rope.slice(cache.length, length, x.dtype)
-        for slot, layer in zip(self.slots, self.layers):
-            x = layer(x, cache, slot, rope)
+        last = len(self.layers) - 1
+        for i, (slot, layer) in enumerate(zip(self.slots, self.layers)):
+            x = layer(x, cache, slot, rope, last_only and i == last and length > 1,
+                      layer_threads[i] if layer_threads else None)
         cache.advance(length)
         return x
-
-
-# --------------------------------------------------------------------------- oneDNN weight packing
-
-PACK_ON_LOAD = True  # bf16 only, where oneDNN can (see ``packing``)
-
-
-def pack_weights(model: Model) -> None:
-    """Repack the big matmul weights of ``model`` for oneDNN, in place.
-
-    Listed explicitly rather than "every nn.Linear": the MoE router's weight is read directly
-    by ``layers.route`` (not through its module), so it must stay a plain tensor; it and the
-    1-row shared-expert gate are tiny anyway.
-    """
-    linears = [model.lm_head]
-    for layer in model.layers:
-        mixer = layer.linear_attn if layer.is_linear else layer.self_attn
-        linears += [mixer.in_proj, mixer.out_proj] if layer.is_linear else [mixer.qkv_proj, mixer.o_proj]
-        if isinstance(layer.mlp, SparseMoE):
-            packing.pack_experts(layer.mlp.experts)
-            if layer.mlp.shared_expert is not None:
-                packing.pack_dense_mlp(layer.mlp.shared_expert)
-        else:
-            packing.pack_dense_mlp(layer.mlp)
-    for linear in linears:
-        packing.pack_linear(linear)
-    model.packed = True
-    log.debug("packed matmul weights for oneDNN")
 
 
 # --------------------------------------------------------------------------- checkpoint mapping
@@ -453,6 +463,8 @@ def checkpoint_state(reader, args: ModelArgs, dtype: torch.dtype) -> Iterator[tu
         reader.ignore(mtp)
     embed = reader.get("model.embed_tokens.weight", dtype)
     yield "embed_tokens.weight", embed
+    if not args.tie_word_embeddings:
+        embed = None  # else the cache builder would hold the embedding through every layer
     for i, (kind, sparse) in enumerate(zip(args.layer_types, args.sparse_layers)):
         src, dst = f"model.layers.{i}", f"layers.{i}"
         yield f"{dst}.input_layernorm.weight", reader.get(f"{src}.input_layernorm.weight", dtype)
@@ -491,7 +503,13 @@ def _linear_attention_state(reader, args: ModelArgs, src: str, dst: str, dtype: 
     reference holds them in the model dtype and upcasts at use."""
     qkvz = reader.get(f"{src}.in_proj_qkvz.weight", dtype)
     ba = reader.get(f"{src}.in_proj_ba.weight", dtype)
-    yield f"{dst}.in_proj.weight", linear_in_proj(qkvz, ba, args)
+    if isinstance(qkvz, quantized.QWeight) or isinstance(ba, quantized.QWeight):
+        # the same row order, applied as an index to the (unpacked) quantized rows
+        rows = torch.arange(qkvz.shape[0] + ba.shape[0]).unsqueeze(1)
+        order = linear_in_proj(rows[:qkvz.shape[0]], rows[qkvz.shape[0]:], args).squeeze(1)
+        yield f"{dst}.in_proj.weight", quantized.select_rows(quantized.cat_rows([qkvz, ba]), order)
+    else:
+        yield f"{dst}.in_proj.weight", linear_in_proj(qkvz, ba, args)
     conv = reader.get(f"{src}.conv1d.weight", dtype)  # [C, 1, K]
     yield f"{dst}.conv_weight", conv.squeeze(1).t().to(state_dtype(dtype)).contiguous()
     yield f"{dst}.dt_bias", reader.get(f"{src}.dt_bias", dtype).to(state_dtype(dtype))
