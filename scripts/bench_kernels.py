@@ -22,7 +22,8 @@ import torch
 from qwen_runner import kernels
 from qwen_runner.models.layers import StackedExperts, matmul_backend
 
-SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024), (151936, 1024)]  # 1024x4096: an expert's w13 at I=2048  # (out rows N, in K)
+# (out rows N, in K); 1024x4096 is expert-sized (w2 at I=4096), 151936x1024 the bench model's lm_head
+SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024), (151936, 1024)]
 
 
 COLD_BYTES = 256 * 2**20  # weights cycled per op: more than any L3 here, so every call reads DRAM, as decode does

@@ -116,8 +116,8 @@ def status() -> dict:
             return {"active": False, "kernel": "aten", "reason": skip}
         built = any(build_dir().glob(f"{NAME}*.so")) if build_dir().is_dir() else False
         kernel = "C++ AVX512-BF16 GEMV" if avx512 else "C++ portable GEMV"
-        return {"active": None, "kernel": kernel,
-                "reason": "built; loads with the first bf16 model" if built else "compiles (once) with the first bf16 model"}
+        reason = "built; loads with the first bf16 model" if built else "compiles (once) with the first bf16 model"
+        return {"active": None, "kernel": kernel, "reason": reason}
     return dict(_state)
 
 
