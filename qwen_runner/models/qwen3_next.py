@@ -31,8 +31,8 @@ from torch import nn
 
 from qwen_runner.errors import CheckpointError
 from qwen_runner.models import deltanet, quantized
-from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, RMSNorm, RotaryEmbedding, SparseMoE, apply_rotary,
-                                       attend, gemv_threads, matmul_backend, thread_limit)
+from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, SparseMoE,
+                                       apply_rotary, attend, gemv_threads, matmul_backend, thread_limit)
 from qwen_runner.models.qwen3_moe import _fused, _stacked_experts, rope_theta_of, sparse_layer_pattern
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,8 @@ class GatedAttention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.qg_size, self.kv_size = 2 * self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(args.hidden_size, self.qg_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, args.hidden_size, bias=False)
+        self.qkv_proj = Linear(args.hidden_size, self.qg_size + 2 * self.kv_size, bias=False)
+        self.o_proj = Linear(self.heads * self.head_dim, args.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, zero_centered=True)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, zero_centered=True)
 
@@ -283,13 +283,13 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim, self.conv_dim = args.key_dim, args.value_dim, args.conv_dim
         self.eps = args.rms_norm_eps
         self.q_scale = self.dk ** -0.5
-        self.in_proj = nn.Linear(args.hidden_size, self.conv_dim + self.value_dim + 2 * self.hv, bias=False)
+        self.in_proj = Linear(args.hidden_size, self.conv_dim + self.value_dim + 2 * self.hv, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(args.conv_kernel, self.conv_dim, dtype=MIN_STATE_DTYPE),
                                         requires_grad=False)
         self.dt_bias = nn.Parameter(torch.empty(self.hv, dtype=MIN_STATE_DTYPE), requires_grad=False)
         self.decay_rate = nn.Parameter(torch.empty(self.hv, dtype=MIN_STATE_DTYPE), requires_grad=False)
         self.norm_weight = nn.Parameter(torch.empty(self.dv), requires_grad=False)
-        self.out_proj = nn.Linear(self.value_dim, args.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cache: HybridCache, slot: int, last_only: bool = False) -> torch.Tensor:
         """``x [T, H]`` -> ``[T, H]``, or ``[1, H]`` for the last position only if ``last_only``
@@ -366,7 +366,7 @@ class Model(CausalLM):
         self.layers = nn.ModuleList(
             DecoderLayer(args, kind, sparse) for kind, sparse in zip(args.layer_types, args.sparse_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, zero_centered=True)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.rotary_dim, args.rope_theta)
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK
         self.native_matmul_max_tokens = NATIVE_MATMUL_MAX_TOKENS
