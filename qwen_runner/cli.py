@@ -123,7 +123,7 @@ def _memory_guard(stage: str, context_option: bool = False):
               help="Weight dtype of the cache (auto: what chat would pick on this CPU).")
 @_backend_option
 @click.option("--tier", type=click.Choice(["ready", "raw"]), default="ready", show_default=True,
-              help="Build up to this tier (raw: normalized checkpoint tensors only, e.g. int4 checkpoints today).")
+              help="Build up to this tier (raw: the normalized checkpoint tensors only).")
 @click.option("--rebuild", is_flag=True, help="Discard existing shards and build everything again.")
 @click.option("--wait", is_flag=True, help="If another build-cache holds this cache, wait for it instead of refusing.")
 @click.option("--layers", type=int, default=None, hidden=True, help="Partial build of the first N layers (quick checks).")
