@@ -16,8 +16,9 @@ import warnings
 import pytest
 import torch
 
+from qwen_runner import settings
 from qwen_runner.errors import ContextOverflowError
-from qwen_runner.models import deltanet, layers, qwen3_next
+from qwen_runner.models import deltanet, qwen3_next
 from qwen_runner.models.loader import CheckpointReader, build_model, model_state_from_checkpoint, read_config
 from tests.conftest import MODELS, model_path
 
@@ -184,7 +185,7 @@ def test_decode_threads_are_sized_per_mixer_and_moe(tiny_fp32, monkeypatch):
     monkeypatch.setattr(qwen3_next, "thread_limit", spy)
     threshold = min(m for m, _ in sizes)  # every mixer gets 2 threads, every MoE 1 (its matrices are smaller)
     assert all(mlp < threshold for _, mlp in sizes)
-    monkeypatch.setattr(layers, "MIN_GEMV_BYTES_PER_THREAD", threshold // 2)
+    monkeypatch.setattr(settings, "MIN_GEMV_BYTES_PER_THREAD", threshold // 2)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

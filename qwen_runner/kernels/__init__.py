@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from qwen_runner import hardware
-from qwen_runner.settings import KERNEL_MIN_BYTES_PER_THREAD, kernel_mode, load_settings
+from qwen_runner.settings import MIN_GEMV_BYTES_PER_THREAD, kernel_mode, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if op is None:
         return None
     try:
-        return op.linear(x, weight, bias, _avx512, KERNEL_MIN_BYTES_PER_THREAD)
+        return op.linear(x, weight, bias, _avx512, MIN_GEMV_BYTES_PER_THREAD)
     except (RuntimeError, TypeError, ValueError) as exc:
         _disable(exc)
         return None
@@ -147,7 +147,7 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, experts: torch.Ten
     if op is None:
         return None
     try:
-        return op.moe(x, w13, w2, experts, weights, _avx512, KERNEL_MIN_BYTES_PER_THREAD)
+        return op.moe(x, w13, w2, experts, weights, _avx512, MIN_GEMV_BYTES_PER_THREAD)
     except (RuntimeError, TypeError, ValueError) as exc:
         _disable(exc)
         return None
