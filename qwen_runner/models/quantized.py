@@ -276,8 +276,9 @@ class QuantExperts(_Int4Weights):
         self._views_of = None
         self._views: dict[str, list] = {}
 
-    def _expert(self, name: str) -> list:
-        """Per-expert (packed, sz) or dense-weight views, cached (no select op per token)."""
+    def _expert_views(self) -> dict[str, list]:
+        """Per-expert (packed, sz) or (dense weight, None) views, cached (no select op per token);
+        looked up once per forward, not per expert call."""
         key = tuple(id(p) for p in self.parameters())
         if self._views_of != key:
             self._views = {}
@@ -288,19 +289,22 @@ class QuantExperts(_Int4Weights):
                 else:
                     self._views[n] = [(w, None) for w in getattr(self, n).unbind(0)]
             self._views_of = key
-        return self._views[name]
-
-    def _mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return _apply(self._expert("w2")[e], swiglu(_apply(self._expert("w13")[e], x)))
+        return self._views
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        views = self._expert_views()
+        w13, w2 = views["w13"], views["w2"]
+
+        def mlp(e: int, rows: torch.Tensor) -> torch.Tensor:
+            return _apply(w2[e], swiglu(_apply(w13[e], rows)))
+
         if x.shape[0] == 1:
             out = None
             for e, w in zip(experts[0].tolist(), weights[0].unbind(0)):
-                y = self._mlp(e, x).mul_(w)
+                y = mlp(e, x).mul_(w)
                 out = y if out is None else out.add_(y)
             return out
-        return grouped_by_expert(x, weights, experts, self.num_experts, self._mlp)
+        return grouped_by_expert(x, weights, experts, self.num_experts, mlp)
 
     @property
     def w13_bytes_per_expert(self) -> int:
