@@ -86,6 +86,8 @@ def _versions() -> dict:
 
 
 def environment(dtype: str) -> dict:
+    from qwen_runner.models.matmul import prefill_gemm_status
+
     cpu = hardware.detect_cpu()
     return {
         "cpu": cpu.model, "arch": cpu.arch, "isa": cpu.isa,
@@ -94,6 +96,7 @@ def environment(dtype: str) -> dict:
         "versions": _versions(),
         "dtype": dtype,
         "matmul_kernel": precision.matmul_kernel(dtype, cpu.isa),
+        "prefill_gemm": prefill_gemm_status(dtype)["kernel"],
         "load_average_start": list(os.getloadavg()),
     }
 
@@ -310,7 +313,8 @@ def format_report(report: dict) -> str:
         f"qwen-runner bench · {Path(report['model']).name} ({report['architecture']}) · {cfg['dtype']} · "
         f"prompt {cfg['prompt_tokens']} · gen {cfg['gen_tokens']} · {cfg['repeats']} repeat(s), medians [min-max]",
         f"{env['cpu']} · {env['physical_cores']} cores · OMP_WAIT_POLICY={env['omp_wait_policy']} · "
-        f"torch {env['versions']['torch']} · matmul {env['matmul_kernel']} · load average "
+        f"torch {env['versions']['torch']} · matmul {env['matmul_kernel']} · prefill "
+        f"{env.get('prefill_gemm', env['matmul_kernel'])} · load average "
         f"{env['load_average_start'][0]:.2f} -> {env['load_average_end'][0]:.2f}",
         "bandwidth probe: " + ", ".join(f"{t} thread(s) {v['median']:.1f} GB/s" for t, v in report["bandwidth_gbps"].items()),
     ]

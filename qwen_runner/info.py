@@ -87,10 +87,17 @@ def collect_info() -> dict:
             "matmul_kernel": precision.matmul_kernel(choice.dtype, cpu.isa),
             "int4_kernel": int4_kernel(),
             "decode_kernel": kernels.status(),
+            "prefill_gemm": prefill_gemm_status(choice.dtype),
         },
         "cache_dir": str(load_settings().cache_dir),
         "cache_precision": cache_precisions(),
     }
+
+
+def prefill_gemm_status(dtype: str) -> dict:
+    from qwen_runner.models.matmul import prefill_gemm_status as status
+
+    return status(dtype)
 
 
 def _gib(value: int | None) -> str:
@@ -127,6 +134,7 @@ def format_info(info: dict) -> str:
         f"({'available' if int4['available'] else 'missing'})",
         f"decode    one-row bf16 matmuls + fused MoE: {comp['decode_kernel']['kernel']} "
         f"- {comp['decode_kernel']['reason']}",
+        f"prefill   multi-row matmuls: {comp['prefill_gemm']['kernel']} - {comp['prefill_gemm']['reason']}",
         f"cache     {info['cache_dir']}",
     ]
     probed = precision.ChainRecord.from_dict(comp["probed"])

@@ -52,6 +52,20 @@ def first_forward(model) -> None:
     model(torch.zeros((1, 1), dtype=torch.long), model.make_cache(2), last_only=True)
 
 
+def flush_denormals() -> None:
+    """Treat denormal floats (|x| < 1.2e-38) as zero, in this thread and the OpenMP workers it starts.
+
+    x86 arithmetic on denormals is ~100x slower, and Gated DeltaNet's decayed recurrent state drifts
+    into them: on bench-qwen3-next the chunk scan's [16, 64, 128] x [16, 128, 128] fp32 bmm took
+    3.5 ms instead of 0.3 (~0.5 s of a 512-token prefill, docs/qwen3_next.md). Flushing changes no
+    value above 1e-38. Threads inherit the FP environment when created, so this runs before the first
+    parallel op; workers that already exist (a test process) keep theirs.
+    """
+    import torch
+
+    torch.set_flush_denormal(True)
+
+
 def _load(path: Path, impl, dtype: str, record: precision.ChainRecord, where: dict):
     """(model, tokenizer, spec, from_ready) at ``dtype``; sets ``where['stage']`` as it goes."""
     from qwen_runner.cache import open_ready
@@ -95,6 +109,7 @@ def open_model(model: str, dtype: str = "auto", backend: str = "native") -> Load
     from qwen_runner.checkpoint import resolve_model_dir
 
     path = resolve_model_dir(model)
+    flush_denormals()
     impl = get_backend(backend)
     impl.require()
     choice = choose_dtype(dtype)

@@ -18,6 +18,7 @@ ENV_THREADS = "QWEN_RUNNER_THREADS"
 ENV_WAIT_POLICY = "QWEN_RUNNER_OMP_WAIT_POLICY"
 ENV_MEMORY_BUDGET = "QWEN_RUNNER_MEMORY_BUDGET"
 ENV_KERNELS = "QWEN_RUNNER_KERNELS"
+ENV_PREFILL_FP32 = "QWEN_RUNNER_PREFILL_FP32"
 
 # OpenMP's own variables, which we set before torch is imported.
 OMP_NUM_THREADS = "OMP_NUM_THREADS"
@@ -83,6 +84,29 @@ def kernel_mode(env: dict[str, str] | None = None) -> str:
     if mode not in KERNEL_MODES:
         raise QwenRunnerError(f"{ENV_KERNELS}={mode!r} is not one of {', '.join(KERNEL_MODES)}",
                               f"unset it or set {ENV_KERNELS}=auto")
+    return mode
+
+
+# Multi-row (prefill) bf16 matmuls: computed as fp32 GEMMs on bf16 weights widened block by block, where
+# the CPU has no AMX. Without AMX, oneDNN's AVX512-BF16 GEMM ran at ~80 GFLOPS on the 2-core Xeon while
+# fp32 sgemm ran ~150 (512x1024x2048, 1 thread); widened, [512, 1024] x [1024, 6176] went 74 -> 44 ms and
+# an expert-size [64, 512] x [512, 1024] 0.87 -> 0.54 ms (docs/models.md). bf16 x bf16 products are exact
+# in fp32 and both accumulate in fp32, so results agree to accumulation order. auto = on without AMX-BF16.
+PREFILL_FP32_MODES = ("auto", "on", "off")
+# Fewer rows than this stay in bf16: widening the weight costs as much as the GEMM saves (32 rows measured
+# slower widened, 64 faster).
+PREFILL_FP32_MIN_ROWS = 48
+# Weight rows widened at a time: a [1024, K] fp32 block stays in cache (a whole 9216-row weight widened at
+# once cost 18 ms in page faults alone).
+PREFILL_FP32_BLOCK_ROWS = 1024
+
+
+def prefill_fp32_mode(env: dict[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    mode = env.get(ENV_PREFILL_FP32, "auto").lower()
+    if mode not in PREFILL_FP32_MODES:
+        raise QwenRunnerError(f"{ENV_PREFILL_FP32}={mode!r} is not one of {', '.join(PREFILL_FP32_MODES)}",
+                              f"unset it or set {ENV_PREFILL_FP32}=auto")
     return mode
 
 

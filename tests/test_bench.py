@@ -36,6 +36,7 @@ def test_report_schema_and_sanity(report):
     env = report["environment"]
     assert env["omp_wait_policy"] and env["versions"]["torch"] and "amx_bf16" in env["isa"]
     assert len(env["load_average_start"]) == 3
+    assert env["prefill_gemm"] in ("fp32 sgemm on widened bf16 weights", "oneDNN bf16 GEMM")
     assert env["precision"]["chosen"] == "bf16" and env["precision"]["final"] == "bf16"
     assert report["bandwidth_gbps"]["1"]["median"] > 0
 

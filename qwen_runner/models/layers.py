@@ -26,7 +26,7 @@ from torch import nn
 from qwen_runner import kernels
 from qwen_runner.errors import ContextOverflowError
 from qwen_runner.models.matmul import (MIN_GEMV_BYTES_PER_THREAD, Linear, gemv_threads, linear,  # noqa: F401
-                                       matmul_backend, thread_limit)
+                                       matmul_backend, thread_limit, widen_prefill, widened_mm)
 
 __all__ = [
     "RMSNorm", "rms_norm", "RotaryEmbedding", "apply_rotary", "KVCache", "attend", "Attention",
@@ -371,7 +371,13 @@ class StackedExperts(nn.Module):
     def prefill(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Many tokens: sort (token, expert) pairs once, one matmul pair per expert that was hit."""
         w13, w2 = self._views()
-        return grouped_by_expert(x, weights, experts, self.num_experts, lambda e, xs: swiglu(xs @ w13[e]) @ w2[e])
+
+        def mlp(e: int, xs: torch.Tensor) -> torch.Tensor:
+            if widen_prefill(xs):  # fp32 GEMMs on widened weights where they are faster (models.matmul)
+                return widened_mm(swiglu(widened_mm(xs, w13[e])), w2[e])
+            return swiglu(xs @ w13[e]) @ w2[e]
+
+        return grouped_by_expert(x, weights, experts, self.num_experts, mlp)
 
 
 def grouped_by_expert(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
