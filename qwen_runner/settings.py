@@ -94,7 +94,8 @@ def kernel_mode(env: dict[str, str] | None = None) -> str:
 # in fp32 and both accumulate in fp32, so results agree to accumulation order. auto = on without AMX-BF16.
 PREFILL_FP32_MODES = ("auto", "on", "off")
 # Fewer rows than this stay in bf16: widening the weight costs as much as the GEMM saves (32 rows measured
-# slower widened, 64 faster).
+# slower widened, 64 faster). Experts too: bench-qwen3-next's 512-token prefill (~64 rows per expert) took
+# 2.1 s with experts widened from 48 rows, 2.5 s from 96, 3.3 s never (dense linears widened in all three).
 PREFILL_FP32_MIN_ROWS = 48
 # Weight rows widened at a time: a [1024, K] fp32 block stays in cache (a whole 9216-row weight widened at
 # once cost 18 ms in page faults alone).

@@ -83,10 +83,11 @@ def prefill_gemm_status(dtype: str) -> dict:
             "reason": reason}
 
 
-def widen_prefill(x: torch.Tensor) -> bool:
+def widen_prefill(x: torch.Tensor, min_rows: int | None = None) -> bool:
     """Whether a bf16 matmul over ``x``'s rows runs as an fp32 GEMM (decided once per process)."""
     global _widen
-    if x.dtype is not torch.bfloat16 or x.numel() < S.PREFILL_FP32_MIN_ROWS * x.shape[-1]:
+    min_rows = S.PREFILL_FP32_MIN_ROWS if min_rows is None else min_rows
+    if x.dtype is not torch.bfloat16 or x.numel() < min_rows * x.shape[-1]:
         return False
     if _widen is None:
         _widen = prefill_gemm()[0]
