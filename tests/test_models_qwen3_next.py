@@ -163,6 +163,21 @@ def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(variant, len
     assert (step_last - step_full).abs().max().item() <= FP32_LOGITS_TOL
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_moe_threads_count_the_fused_kernel(monkeypatch, fused):
+    """With the fused C++ MoE op (bf16, kernels active) one call reads the top-k experts' w13 and w2:
+    the MoE's thread count is sized from those bytes, not from one expert's slice (which had kept the
+    MoE on one thread when two were available)."""
+    from qwen_runner import kernels
+
+    monkeypatch.setattr(kernels, "active", lambda: fused)
+    ours = _ours(model_path("tiny-qwen3-next"), torch.bfloat16)
+    for layer, (_mixer, mlp) in zip(ours.layers, ours._largest_layer_gemv_bytes()):
+        moe = layer.mlp
+        one_call = (moe.experts.w13.nbytes + moe.experts.w2.nbytes) * moe.top_k // moe.experts.num_experts
+        assert (mlp >= one_call) is fused
+
+
 def test_decode_threads_are_sized_per_mixer_and_moe(tiny_fp32, monkeypatch):
     """Decode gives the mixer and the MoE of each layer their own thread count (their GEMVs differ
     in size), from the largest matrix each reads, and restores the caller's thread count."""
