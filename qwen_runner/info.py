@@ -132,7 +132,7 @@ def format_info(info: dict) -> str:
         f"dtype     {comp['dtype']} - {comp['reason']} (fallback chain: {' -> '.join(comp['fallback_chain'])})",
         f"kernels   matmul: {comp['matmul_kernel']}; int4: {int4['name']} "
         f"({'available' if int4['available'] else 'missing'})",
-        f"decode    one-row bf16 matmuls + fused MoE: {comp['decode_kernel']['kernel']} "
+        f"decode    one-row bf16 and int4 matmuls + fused MoE: {comp['decode_kernel']['kernel']} "
         f"- {comp['decode_kernel']['reason']}",
         f"prefill   multi-row matmuls: {comp['prefill_gemm']['kernel']} - {comp['prefill_gemm']['reason']}",
         f"cache     {info['cache_dir']}",

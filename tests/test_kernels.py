@@ -249,3 +249,98 @@ def test_bad_kernel_mode_is_one_line_with_a_hint():
     with pytest.raises(QwenRunnerError, match="QWEN_RUNNER_KERNELS='fast'"):
         kernel_mode({"QWEN_RUNNER_KERNELS": "fast"})
     assert kernel_mode({}) == "auto"
+
+
+# --------------------------------------------------------------------------- int4 (torch's int4pack layout)
+
+def _qweight(n: int, k: int, group: int, seed: int):
+    from qwen_runner.models.quantized import QWeight
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scales = torch.rand(k // group, n, generator=g) * 0.02 + 0.001
+    zeros = torch.randint(0, 16, (k // group, n), generator=g).float()
+    return QWeight(q, scales, zeros, 4, group)
+
+
+def test_int4pack_layout_is_what_the_kernels_read():
+    """The C++ int4 kernels read torch's CPU int4pack layout directly: 64-row blocks, k-major, byte j of
+    column k = row j (low nibble) and row 32 + j (high). If a torch release changes it, this fails."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    blocks = packed.reshape(2, 64, 32).to(torch.int32)
+    rebuilt = torch.cat([torch.cat([(b & 15).t(), (b >> 4).t()]) for b in blocks])
+    assert torch.equal(rebuilt, q)
+
+
+@pytest.mark.parametrize("avx512", PATHS)
+@pytest.mark.parametrize("n,k,group", [(64, 32, 32), (128, 256, 128), (192, 512, 64), (64, 1024, 256)])
+def test_int4_linear_matches_the_aten_int4_kernel(ops, avx512, n, k, group):
+    from qwen_runner.models.quantized import int4_mm
+
+    packed, sz = _qweight(n, k, group, seed=n + k).pack(torch.bfloat16)
+    x = _bf16(1, k)
+    got = ops.linear_int4(x, packed, sz, avx512, 1 << 20)
+    want = int4_mm(x, packed, sz)
+    assert got.shape == (1, n) and got.dtype == torch.bfloat16
+    # both accumulate in fp32 and round once: at most a bf16 ulp apart
+    assert _rel_err(got, want.float()) <= 2 ** -7
+
+
+@pytest.mark.parametrize("avx512", PATHS)
+def test_int4_linear_threads_and_shape_checks(ops, avx512):
+    packed, sz = _qweight(256, 128, 32, seed=3).pack(torch.bfloat16)
+    x = _bf16(1, 128)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.linear_int4(x, packed, sz, avx512, 1)
+        torch.set_num_threads(2)
+        two = ops.linear_int4(x, packed, sz, avx512, 1)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)
+    odd, odd_sz = _qweight(80, 128, 32, seed=4).pack(torch.bfloat16)  # not whole 64-row blocks
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        ops.linear_int4(x, odd, odd_sz, avx512, 1)
+
+
+def _int4_experts(num: int, hidden: int, inter: int, group: int):
+    from qwen_runner.models.quantized import QuantExperts
+
+    pairs13 = [_qweight(2 * inter, hidden, group, seed=e).pack(torch.bfloat16) for e in range(num)]
+    pairs2 = [_qweight(hidden, inter, group, seed=100 + e).pack(torch.bfloat16) for e in range(num)]
+    state = {"w13_int4": torch.stack([p for p, _ in pairs13]), "w13_int4_sz": torch.stack([s for _, s in pairs13]),
+             "w2_int4": torch.stack([p for p, _ in pairs2]), "w2_int4_sz": torch.stack([s for _, s in pairs2])}
+    experts = QuantExperts(num, {k: (tuple(v.shape), v.dtype) for k, v in state.items()})
+    experts.load_state_dict(state, assign=True)
+    return experts
+
+
+@pytest.mark.parametrize("avx512", PATHS)
+@pytest.mark.parametrize("num,top_k,hidden,inter,group", [(4, 2, 128, 64, 32), (8, 8, 256, 128, 128),
+                                                          (6, 3, 1024, 512, 128)])
+def test_int4_moe_matches_the_per_expert_aten_path(ops, avx512, num, top_k, hidden, inter, group, monkeypatch):
+    experts = _int4_experts(num, hidden, inter, group)
+    x = _bf16(1, hidden)
+    weights = torch.softmax(torch.randn(1, top_k), -1).bfloat16()
+    chosen = torch.randperm(num)[:top_k].view(1, top_k)
+    got = ops.moe_int4(x, experts.w13_int4, experts.w13_int4_sz, experts.w2_int4, experts.w2_int4_sz,
+                       chosen[0], weights[0], avx512, 1 << 20)
+    monkeypatch.setattr(kernels, "moe_int4", lambda *a: None)
+    aten = experts(x, weights, chosen)  # QuantExperts' per-expert int4_mm loop
+    assert got.shape == (1, hidden) and got.dtype == torch.bfloat16
+    # the routing weight multiplies h before the down projection (as the bf16 fused op) instead of the
+    # expert's output, and the k outputs are summed in fp32: bf16 rounding differences only
+    assert _rel_err(got, aten.float()) <= 2 ** -5
+
+
+def test_quant_modules_route_one_bf16_row_to_the_int4_kernels(ops, monkeypatch):
+    experts = _int4_experts(4, 128, 64, 32)
+    calls = []
+    real = kernels.moe_int4
+    monkeypatch.setattr(kernels, "moe_int4", lambda *a: calls.append(a[0].shape) or real(*a))
+    weights, chosen = torch.ones(1, 2).bfloat16(), torch.tensor([[0, 3]])
+    experts(_bf16(1, 128), weights, chosen)
+    experts(_bf16(2, 128), weights.repeat(2, 1), chosen.repeat(2, 1))  # prefill: grouped ATen path
+    assert calls == [(1, 128)]

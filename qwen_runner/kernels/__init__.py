@@ -1,4 +1,4 @@
-"""Our C++ decode kernels (gemv.cpp): a one-row bf16 GEMV and a fused one-token MoE.
+"""Our C++ decode kernels (gemv.cpp): one-row bf16 and int4 GEMVs and fused one-token MoEs (bf16, int4).
 
 Why: torch's one-row bf16 matmul reads weights at about half the memory bandwidth and a MoE
 layer costs ~2k+5 dispatched ops per token (docs/models.md has the microbenchmark). The
@@ -148,6 +148,33 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, experts: torch.Ten
         return None
     try:
         return op.moe(x, w13, w2, experts, weights, _avx512, MIN_GEMV_BYTES_PER_THREAD)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        _disable(exc)
+        return None
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor | None:
+    """``x [1, K] @ W.T`` for W in torch's CPU int4pack layout (bf16 scales); None when the caller must
+    use ``aten._weight_int4pack_mm_for_cpu``."""
+    op = ops() if _ops is _UNTRIED else _ops
+    if op is None:
+        return None
+    try:
+        return op.linear_int4(x, packed, sz, _avx512, MIN_GEMV_BYTES_PER_THREAD)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        _disable(exc)
+        return None
+
+
+def moe_int4(x: torch.Tensor, w13: torch.Tensor, sz13: torch.Tensor, w2: torch.Tensor, sz2: torch.Tensor,
+             experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+    """One token through its k int4pack experts in one call (gemv.cpp ``moe_int4``); None when the caller
+    must use the per-expert ATen int4 path."""
+    op = ops() if _ops is _UNTRIED else _ops
+    if op is None:
+        return None
+    try:
+        return op.moe_int4(x, w13, sz13, w2, sz2, experts, weights, _avx512, MIN_GEMV_BYTES_PER_THREAD)
     except (RuntimeError, TypeError, ValueError) as exc:
         _disable(exc)
         return None

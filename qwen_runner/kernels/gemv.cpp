@@ -135,6 +135,112 @@ QR_TARGET void dot_rows_avx512(const bf16* const* xs, const bf16* const* ws, int
 }
 #endif
 
+// ----------------------------------------------------------------------------------------- int4
+
+// torch's CPU int4 layout (aten._convert_weight_to_int4pack_for_cpu, checked by tests/test_kernels.py):
+// rows in blocks of 64; block b is K * 32 bytes, k-major, byte j of column k holding row 64b + j in its
+// low nibble and row 64b + 32 + j in its high nibble. Scales and zeros `sz` [G, N, 2] (model dtype, bf16
+// here): w[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n] for the group g = k / group. So per group
+//   y[n] += s[g, n] * sum_k (q - 8) x[k] + z[g, n] * sum_k x[k],
+// the inner sum over a 64-row block being 64 lanes of `(q - 8) * x[k]` multiply-adds, x broadcast.
+constexpr int64_t kInt4Rows = 64;
+constexpr int kInt4Mid = 8;
+
+// out[n] (+)= sum over parts p of row n of W_p times x_p, for the 64-row blocks [b0, b1).
+// xs: fp32 inputs [K]; xsums: their per-group sums [K / group]; packed/sz: the int4pack weight of each part.
+void int4_rows_portable(const float* const* xs, const float* const* xsums, const uint8_t* const* packed,
+                        const bf16* const* sz, int64_t parts, int64_t N, int64_t K, int64_t group,
+                        int64_t b0, int64_t b1, float* out) {
+    const int64_t groups = K / group;
+    for (int64_t b = b0; b < b1; ++b) {
+        float total[kInt4Rows] = {0.f};
+        for (int64_t p = 0; p < parts; ++p) {
+            const uint8_t* blk = packed[p] + b * K * 32;
+            for (int64_t g = 0; g < groups; ++g) {
+                float part[kInt4Rows] = {0.f};
+                for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+                    const uint8_t* col = blk + k * 32;
+                    const float xv = xs[p][k];
+                    for (int j = 0; j < 32; ++j) {
+                        part[j] += static_cast<float>((col[j] & 15) - kInt4Mid) * xv;
+                        part[j + 32] += static_cast<float>((col[j] >> 4) - kInt4Mid) * xv;
+                    }
+                }
+                const bf16* s = sz[p] + (g * N + b * kInt4Rows) * 2;
+                for (int r = 0; r < kInt4Rows; ++r)
+                    total[r] += bf16_to_float(s[2 * r]) * part[r] + bf16_to_float(s[2 * r + 1]) * xsums[p][g];
+            }
+        }
+        std::memcpy(out + b * kInt4Rows, total, sizeof(total));
+    }
+}
+
+#ifdef QR_X86
+#define QR_TARGET_512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// 16 signed nibble values (already minus 8, as int8) -> 16 floats.
+QR_TARGET_512 inline __m512 int8x16_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+// total + scale * acc + zero * xsum for 16 rows, from their interleaved bf16 (scale, zero) pairs.
+QR_TARGET_512 inline __m512 int4_group_epilogue(const bf16* pairs16, __m512 acc, __m512 xsum, __m512 total) {
+    const __m512i pairs = _mm512_loadu_si512(reinterpret_cast<const void*>(pairs16));
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return _mm512_fmadd_ps(scale, acc, _mm512_fmadd_ps(zero, xsum, total));
+}
+
+QR_TARGET_512 void int4_rows_avx512(const float* const* xs, const float* const* xsums,
+                                    const uint8_t* const* packed, const bf16* const* sz, int64_t parts,
+                                    int64_t N, int64_t K, int64_t group, int64_t b0, int64_t b1, float* out) {
+    const int64_t groups = K / group;
+    const __m256i low = _mm256_set1_epi8(15), mid = _mm256_set1_epi8(kInt4Mid);
+    for (int64_t b = b0; b < b1; ++b) {
+        __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps(), t2 = _mm512_setzero_ps(), t3 = _mm512_setzero_ps();
+        for (int64_t p = 0; p < parts; ++p) {
+            const uint8_t* blk = packed[p] + b * K * 32;
+            const float* x = xs[p];
+            for (int64_t g = 0; g < groups; ++g) {
+                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+                __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+                for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+                    const uint8_t* col = blk + k * 32;
+                    _mm_prefetch(reinterpret_cast<const char*>(col) + 32 * kPrefetchBlocks * 16, _MM_HINT_T0);
+                    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
+                    const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v, low), mid);                     // rows 0..31
+                    const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), mid);  // 32..63
+                    const __m512 xv = _mm512_set1_ps(x[k]);
+                    a0 = _mm512_fmadd_ps(int8x16_to_ps(_mm256_castsi256_si128(lo)), xv, a0);
+                    a1 = _mm512_fmadd_ps(int8x16_to_ps(_mm256_extracti128_si256(lo, 1)), xv, a1);
+                    a2 = _mm512_fmadd_ps(int8x16_to_ps(_mm256_castsi256_si128(hi)), xv, a2);
+                    a3 = _mm512_fmadd_ps(int8x16_to_ps(_mm256_extracti128_si256(hi, 1)), xv, a3);
+                }
+                // 16 rows' (scale, zero) bf16 pairs are 16 32-bit words: scale in the low half, zero in the high
+                const bf16* s = sz[p] + (g * N + b * kInt4Rows) * 2;
+                const __m512 xsum = _mm512_set1_ps(xsums[p][g]);
+                t0 = int4_group_epilogue(s, a0, xsum, t0);
+                t1 = int4_group_epilogue(s + 32, a1, xsum, t1);
+                t2 = int4_group_epilogue(s + 64, a2, xsum, t2);
+                t3 = int4_group_epilogue(s + 96, a3, xsum, t3);
+            }
+        }
+        float* o = out + b * kInt4Rows;
+        _mm512_storeu_ps(o, t0);
+        _mm512_storeu_ps(o + 16, t1);
+        _mm512_storeu_ps(o + 32, t2);
+        _mm512_storeu_ps(o + 48, t3);
+    }
+}
+#endif
+
+void int4_rows(bool avx512, const float* const* xs, const float* const* xsums, const uint8_t* const* packed,
+               const bf16* const* sz, int64_t parts, int64_t N, int64_t K, int64_t group, int64_t b0,
+               int64_t b1, float* out) {
+#ifdef QR_X86
+    if (avx512) return int4_rows_avx512(xs, xsums, packed, sz, parts, N, K, group, b0, b1, out);
+#endif
+    int4_rows_portable(xs, xsums, packed, sz, parts, N, K, group, b0, b1, out);
+}
+
 void dot_rows(bool avx512, const bf16* const* xs, const bf16* const* ws, int64_t parts, int64_t K,
               int64_t r0, int64_t r1, float* out) {
 #ifdef QR_X86
@@ -283,6 +389,149 @@ at::Tensor moe(at::Tensor x, at::Tensor w13, at::Tensor w2, at::Tensor experts,
     return y;
 }
 
+namespace {
+
+// One int4pack weight [N, K/2] (or one expert's slice of [E, N, K/2]) with its sz [G, N, 2]: shapes checked.
+struct Int4Weight {
+    int64_t N, K, group;
+};
+
+Int4Weight check_int4(const at::Tensor& packed, const at::Tensor& sz, int64_t dims) {
+    TORCH_CHECK(packed.device().is_cpu() && sz.device().is_cpu(), "int4 weights must be on the CPU");
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == dims,
+                "packed int4 weight must be contiguous uint8 ", dims, "-D, got ", packed.sizes());
+    check_bf16(sz, "int4 scales_and_zeros");
+    TORCH_CHECK(sz.dim() == dims + 1 && sz.size(-1) == 2, "scales_and_zeros must be [..., G, N, 2], got ", sz.sizes());
+    const int64_t N = packed.size(-2), K = packed.size(-1) * 2, G = sz.size(-3);
+    TORCH_CHECK(N % kInt4Rows == 0, "int4 kernel needs N a multiple of ", kInt4Rows, ", got ", N);
+    TORCH_CHECK(sz.size(-2) == N && G > 0 && K % G == 0, "scales_and_zeros ", sz.sizes(), " do not match ", packed.sizes());
+    return {N, K, K / G};
+}
+
+// x (bf16, K values) -> fp32 copy and per-group sums.
+void widen_with_sums(const bf16* x, int64_t K, int64_t group, float* xf, float* sums) {
+    for (int64_t g = 0; g < K / group; ++g) {
+        float total = 0.f;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) total += (xf[k] = bf16_to_float(x[k]));
+        sums[g] = total;
+    }
+}
+
+// Static split of [0, blocks) 64-row blocks over the team.
+inline void split_blocks(int64_t blocks, int tid, int nt, int64_t* begin, int64_t* end) {
+    *begin = blocks * tid / nt;
+    *end = blocks * (tid + 1) / nt;
+}
+
+}  // namespace
+
+// y [1, N] = x [1, K] @ W^T for W in torch's CPU int4pack layout (see `int4_rows`), bf16 in and out.
+at::Tensor linear_int4(at::Tensor x, at::Tensor packed, at::Tensor sz, bool avx512, int64_t min_bytes_per_thread) {
+    const Int4Weight w = check_int4(packed, sz, 2);
+    TORCH_CHECK(x.numel() == w.K, "x has ", x.numel(), " elements, the int4 weight expects one row of ", w.K);
+    x = x.contiguous();
+    check_bf16(x, "x");
+    std::vector<float> xf(w.K), sums(w.K / w.group);
+    widen_with_sums(data(x), w.K, w.group, xf.data(), sums.data());
+    std::vector<float> acc(w.N);
+    auto y = at::empty({1, w.N}, x.options());
+    bf16* yp = reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>());
+    const float* xp = xf.data();
+    const float* sp = sums.data();
+    const uint8_t* pp = packed.data_ptr<uint8_t>();
+    const bf16* zp = data(sz);
+    const int nt = threads_for(w.N * w.K / 2, min_bytes_per_thread);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t b0, b1;
+        split_blocks(w.N / kInt4Rows, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
+        int4_rows(avx512, &xp, &sp, &pp, &zp, 1, w.N, w.K, w.group, b0, b1, acc.data());
+        for (int64_t r = b0 * kInt4Rows; r < b1 * kInt4Rows; ++r) yp[r] = float_to_bf16(acc[r]);
+    }
+    return y;
+}
+
+// `moe` for int4 experts: w13 [E, 2I, H/2] + sz13 [E, G, 2I, 2], w2 [E, H, I/2] + sz2 [E, G', H, 2], the
+// same three phases and the same bf16 rounding points.
+at::Tensor moe_int4(at::Tensor x, at::Tensor w13, at::Tensor sz13, at::Tensor w2, at::Tensor sz2,
+                    at::Tensor experts, at::Tensor weights, bool avx512, int64_t min_bytes_per_thread) {
+    const Int4Weight up = check_int4(w13, sz13, 3), down = check_int4(w2, sz2, 3);
+    const int64_t E = w13.size(0), I2 = up.N, H = up.K, I = I2 / 2;
+    TORCH_CHECK(w2.size(0) == E && sz13.size(0) == E && sz2.size(0) == E && down.N == H && down.K == I,
+                "w2 ", w2.sizes(), " does not match w13 ", w13.sizes());
+    TORCH_CHECK(x.numel() == H, "x has ", x.numel(), " elements, experts expect ", H);
+    x = x.contiguous();
+    check_bf16(x, "x");
+    auto ex = experts.scalar_type() == at::kLong && experts.is_contiguous() ? experts
+                                                                             : experts.to(at::kLong).contiguous();
+    const int64_t k = ex.numel();
+    TORCH_CHECK(weights.numel() == k, "weights has ", weights.numel(), " elements, experts has ", k);
+    const int64_t* ep = ex.data_ptr<int64_t>();
+    for (int64_t j = 0; j < k; ++j) TORCH_CHECK(ep[j] >= 0 && ep[j] < E, "expert index ", ep[j], " out of range");
+    std::vector<float> wj = to_floats(weights);
+    for (float& w : wj) w = bf16_to_float(float_to_bf16(w));
+
+    std::vector<float> xf(H), xsum(H / up.group);
+    widen_with_sums(data(x), H, up.group, xf.data(), xsum.data());
+    const int64_t G2 = I / down.group;
+    std::vector<float> h(k * I), hsum(k * G2), gate_up(k * I2), acc(H);
+    std::vector<const float*> xs(k), xsums(k), hs(k), hsums(k);
+    std::vector<const uint8_t*> p13(k), p2(k);
+    std::vector<const bf16*> z13(k), z2(k);
+    for (int64_t j = 0; j < k; ++j) {
+        xs[j] = xf.data();
+        xsums[j] = xsum.data();
+        hs[j] = h.data() + j * I;
+        hsums[j] = hsum.data() + j * G2;
+        p13[j] = w13.data_ptr<uint8_t>() + ep[j] * I2 * H / 2;
+        p2[j] = w2.data_ptr<uint8_t>() + ep[j] * H * I / 2;
+        z13[j] = data(sz13) + ep[j] * sz13.stride(0);
+        z2[j] = data(sz2) + ep[j] * sz2.stride(0);
+    }
+    auto y = at::empty({1, H}, x.options());
+    bf16* yp = reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>());
+    const int nt = threads_for(k * 3 * I * H / 2, min_bytes_per_thread);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+        // 1. gate/up: the k * 2I / 64 row blocks split evenly over the team.
+        const int64_t per = I2 / kInt4Rows;
+        int64_t b0, b1;
+        split_blocks(k * per, tid, team, &b0, &b1);
+        while (b0 < b1) {
+            const int64_t j = b0 / per, end = std::min(b1, (j + 1) * per);
+            int4_rows(avx512, &xs[j], &xsums[j], &p13[j], &z13[j], 1, I2, H, up.group, b0 - j * per, end - j * per,
+                      gate_up.data() + j * I2);
+            b0 = end;
+        }
+#pragma omp barrier
+        // 2. SwiGLU and routing weight, rounded step by step to bf16 as the torch path does.
+        const int64_t n = k * I, s0 = n * tid / team, s1 = n * (tid + 1) / team;
+        for (int64_t i = s0; i < s1; ++i) {
+            const int64_t j = i / I, c = i % I;
+            const float g = bf16_to_float(float_to_bf16(gate_up[j * I2 + c]));
+            const float u = bf16_to_float(float_to_bf16(gate_up[j * I2 + I + c]));
+            const float silu = bf16_to_float(float_to_bf16(g / (1.f + std::exp(-g))));
+            const float hu = bf16_to_float(float_to_bf16(silu * u));
+            h[i] = bf16_to_float(float_to_bf16(hu * wj[j]));
+        }
+#pragma omp barrier
+        // per-group sums of each expert's h (the down projection's x)
+        const int64_t ng = k * G2, g0 = ng * tid / team, g1 = ng * (tid + 1) / team;
+        for (int64_t i = g0; i < g1; ++i) {
+            float total = 0.f;
+            for (int64_t c = i * down.group; c < (i + 1) * down.group; ++c) total += h[c];
+            hsum[i] = total;
+        }
+#pragma omp barrier
+        // 3. down: each thread owns 64-row blocks of the output and sums over the k experts itself.
+        split_blocks(H / kInt4Rows, tid, team, &b0, &b1);
+        int4_rows(avx512, hs.data(), hsums.data(), p2.data(), z2.data(), k, H, I, down.group, b0, b1, acc.data());
+        for (int64_t r = b0 * kInt4Rows; r < b1 * kInt4Rows; ++r) yp[r] = float_to_bf16(acc[r]);
+    }
+    return y;
+}
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -292,4 +541,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("moe", &moe, "one token through k stacked SwiGLU experts", py::arg("x"), py::arg("w13"),
           py::arg("w2"), py::arg("experts"), py::arg("weights"), py::arg("avx512"),
           py::arg("min_bytes_per_thread"));
+    m.def("linear_int4", &linear_int4, "y = x @ W.T, one bf16 row, W in torch's CPU int4pack layout",
+          py::arg("x"), py::arg("packed"), py::arg("sz"), py::arg("avx512"), py::arg("min_bytes_per_thread"));
+    m.def("moe_int4", &moe_int4, "one token through k stacked int4pack SwiGLU experts", py::arg("x"),
+          py::arg("w13"), py::arg("sz13"), py::arg("w2"), py::arg("sz2"), py::arg("experts"), py::arg("weights"),
+          py::arg("avx512"), py::arg("min_bytes_per_thread"));
 }

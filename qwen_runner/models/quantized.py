@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qwen_runner import kernels
 from qwen_runner import quant as Q
 from qwen_runner.errors import UnsupportedModelError
 from qwen_runner.models.layers import DenseMLP, StackedExperts, grouped_by_expert, swiglu
@@ -38,6 +39,7 @@ INT4_SUFFIX, SZ_SUFFIX = "_int4", "_int4_sz"
 KERNEL = "aten._weight_int4pack_mm_for_cpu"
 KERNEL_GROUPS = (32, 64, 128, 256)
 KERNEL_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+KERNEL_ROW_BLOCK = 64  # the packed layout's row blocks; our C++ int4 kernels take whole blocks only
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 INNER_K_TILES = 1  # ignored by the CPU packing; the argument is part of the op's signature
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -240,6 +242,10 @@ class QuantLinear(_Int4Weights):
         self.bias = _meta_param(*shapes["bias"]) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _one_bf16_row(x, self.weight_int4_sz):  # decode: our C++ int4 GEMV (kernels), else ATen's
+            y = kernels.linear_int4(x.reshape(1, -1), self.weight_int4, self.weight_int4_sz)
+            if y is not None:
+                return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], y.shape[-1])
         out = int4_mm(x.reshape(-1, x.shape[-1]), self.weight_int4, self.weight_int4_sz)
         if self.bias is not None:
             out = out + self.bias
@@ -299,6 +305,11 @@ class QuantExperts(_Int4Weights):
             return _apply(w2[e], swiglu(_apply(w13[e], rows)))
 
         if x.shape[0] == 1:
+            if self._is_int4("w13") and self._is_int4("w2") and _one_bf16_row(x, self.w13_int4_sz):
+                y = kernels.moe_int4(x, self.w13_int4, self.w13_int4_sz, self.w2_int4, self.w2_int4_sz,
+                                     experts[0], weights[0])
+                if y is not None:
+                    return y
             out = None
             for e, w in zip(experts[0].tolist(), weights[0].unbind(0)):
                 y = mlp(e, x).mul_(w)
@@ -309,6 +320,12 @@ class QuantExperts(_Int4Weights):
     @property
     def w13_bytes_per_expert(self) -> int:
         return sum(p.nbytes for n, p in self.named_parameters() if n.startswith("w13")) // self.num_experts
+
+
+def _one_bf16_row(x: torch.Tensor, sz: torch.Tensor) -> bool:
+    """Decode shapes the C++ int4 kernels take: one bf16 row, bf16 scales, rows in the layout's 64-blocks."""
+    return (x.dtype is torch.bfloat16 and sz.dtype is torch.bfloat16 and x.numel() == x.shape[-1]
+            and sz.shape[-2] % KERNEL_ROW_BLOCK == 0)
 
 
 def _apply(weight: tuple, x: torch.Tensor) -> torch.Tensor:
