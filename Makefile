@@ -19,7 +19,7 @@ help:
 	@echo "make test-slow  the slow tests (CI runs them too)"
 	@echo "make bench      benchmark the demo model"
 	@echo "make models     build the demo and test models into $(MODELS)/"
-	@echo "make ipex-venv  optional: .venv-ipex with torch 2.8 + IPEX 2.8 for --backend ipex (~6 GB)"
+	@echo "make ipex-venv  optional: .venv-ipex with torch 2.8 + IPEX 2.8 for --backend ipex (~7 GB)"
 	@echo "make test-ipex  the IPEX backend tests, in .venv-ipex (CI runs them too)"
 	@echo "make clean      remove the virtual env and built models"
 
@@ -61,7 +61,7 @@ bench: $(VENV)/.installed
 
 # The optional IPEX backend lives in its own env: IPEX 2.8 (its last release) pins torch 2.8 and its
 # LLM path validates transformers 4.51.3; every package of it is pinned in requirements-ipex.txt (the env
-# is reinstalled when that file changes). PyPI's torch 2.8 is the CUDA build: ~4 GB download, ~6 GB env;
+# is reinstalled when that file changes). PyPI's torch 2.8 is the CUDA build: ~4 GB download, 6.9 GB env;
 # it runs on CPU. Not part of `make test`; .ci/run runs `make test-ipex`.
 IPEX_VENV ?= .venv-ipex
 
