@@ -20,7 +20,7 @@ help:
 	@echo "make bench      benchmark the demo model"
 	@echo "make models     build the demo and test models into $(MODELS)/"
 	@echo "make ipex-venv  optional: .venv-ipex with torch 2.8 + IPEX 2.8 for --backend ipex (~7 GB)"
-	@echo "make test-ipex  the IPEX backend tests, in .venv-ipex"
+	@echo "make test-ipex  the IPEX backend tests, in .venv-ipex (CI runs them too)"
 	@echo "make clean      remove the virtual env and built models"
 
 $(VENV)/bin/python:
@@ -60,22 +60,24 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/qwen-runner bench $(MODELS)/demo
 
 # The optional IPEX backend lives in its own env: IPEX 2.8 (its last release) pins torch 2.8 and its
-# LLM path validates transformers 4.51.3. PyPI's torch 2.8 is the CUDA build: ~4 GB download, ~7 GB env,
-# ~6 min here; it runs on CPU. Not part of `make test`.
+# LLM path validates transformers 4.51.3; every package of it is pinned in requirements-ipex.txt (the env
+# is reinstalled when that file changes). PyPI's torch 2.8 is the CUDA build: ~4 GB download, 6.9 GB env;
+# it runs on CPU. Not part of `make test`; .ci/run runs `make test-ipex`.
 IPEX_VENV ?= .venv-ipex
-IPEX_PINS := torch==2.8.0 intel-extension-for-pytorch==2.8.0 transformers==4.51.3
-IPEX_DEPS := safetensors psutil click tqdm huggingface_hub pytest
 
-$(IPEX_VENV)/.installed: pyproject.toml
+$(IPEX_VENV)/.installed: pyproject.toml requirements-ipex.txt
 	$(PYTHON) -m venv $(IPEX_VENV)
-	$(IPEX_VENV)/bin/python -m pip install --quiet $(IPEX_PINS) $(IPEX_DEPS)
+	$(IPEX_VENV)/bin/python -m pip install --quiet -r requirements-ipex.txt
 	$(IPEX_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 ipex-venv: $(IPEX_VENV)/.installed
 
-test-ipex: $(IPEX_VENV)/.installed models
-	$(IPEX_VENV)/bin/python -m pytest tests/test_backend_ipex.py $(PYTEST_ARGS)
+# QWEN_RUNNER_REQUIRE_IPEX=1: in this env a test that would skip (IPEX unusable, no main env for the
+# references) fails instead. The references run in the main env, so it needs `make venv` too.
+test-ipex: $(IPEX_VENV)/.installed $(VENV)/.installed models
+	QWEN_RUNNER_REQUIRE_IPEX=1 QWEN_RUNNER_REFERENCE_PYTHON=$(abspath $(PY)) \
+		$(IPEX_VENV)/bin/python -m pytest tests/test_backend_ipex.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(IPEX_VENV) $(MODELS) .pytest_cache .hypothesis *.egg-info

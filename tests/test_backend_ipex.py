@@ -5,6 +5,9 @@ Skipped wherever IPEX is not usable (the main env); there the one-line error is 
 imported), and the main env's transformers 5.23 (+ auto-round for the int4 checkpoint, which this
 suite makes with auto-round RTN) in a separate process: $QWEN_RUNNER_REFERENCE_PYTHON, else
 .venv/bin/python; those tests skip when neither exists.
+
+With QWEN_RUNNER_REQUIRE_IPEX=1 (set by `make test-ipex`, which CI runs) each of those skips is a
+failure instead: in .venv-ipex a missing piece must not pass as "skipped".
 """
 
 from __future__ import annotations
@@ -19,7 +22,23 @@ import pytest
 
 from qwen_runner.backends import ipex_status
 
-pytestmark = pytest.mark.skipif(not ipex_status().usable, reason=f"IPEX not usable here: {ipex_status().detail}")
+REQUIRED = os.environ.get("QWEN_RUNNER_REQUIRE_IPEX") == "1"
+
+
+def skip_or_fail(reason: str):
+    """A skip, or with QWEN_RUNNER_REQUIRE_IPEX=1 a failure."""
+    if REQUIRED:
+        pytest.fail(f"{reason} (QWEN_RUNNER_REQUIRE_IPEX=1: required here)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ipex_usable():
+    """Module-scoped so that it runs before int4_checkpoint (an auto-round run) where IPEX is missing."""
+    status = ipex_status()
+    if not status.usable:
+        skip_or_fail(f"IPEX not usable here: {status.detail}")
+
 
 MODEL = "tiny-qwen3-moe"
 PROMPT = [785, 6722, 315, 9625, 374]  # ordinary token ids
@@ -127,7 +146,7 @@ AutoRound(model, AutoTokenizer.from_pretrained(sys.argv[1]), bits=4, group_size=
 
 def main_env(*args: str, timeout: int = 600) -> str:
     if not REFERENCE_PYTHON.exists():
-        pytest.skip(f"no main env for the reference ({REFERENCE_PYTHON}); set QWEN_RUNNER_REFERENCE_PYTHON")
+        skip_or_fail(f"no main env for the reference ({REFERENCE_PYTHON}); set QWEN_RUNNER_REFERENCE_PYTHON")
     result = subprocess.run([str(REFERENCE_PYTHON), "-c", *args], capture_output=True, text=True, timeout=timeout,
                             cwd="/tmp")
     assert result.returncode == 0, result.stderr[-2000:]
