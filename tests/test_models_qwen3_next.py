@@ -176,6 +176,22 @@ def test_decode_moe_threads_count_the_fused_kernel(monkeypatch, fused):
         moe = layer.mlp
         one_call = (moe.experts.w13.nbytes + moe.experts.w2.nbytes) * moe.top_k // moe.experts.num_experts
         assert (mlp >= one_call) is fused
+        assert moe.experts.fused_decode_bytes(moe.top_k) == (one_call if fused else None)
+
+
+def test_decode_moe_threads_count_the_fused_int4_kernel(monkeypatch):
+    """The same for int4 experts (QuantExperts, the fused C++ int4 MoE op): sized from the k experts'
+    packed bytes and scales."""
+    from qwen_runner import kernels
+
+    monkeypatch.setattr(kernels, "active", lambda: True)
+    ours = _ours(model_path("tiny-qwen3-next-int4"), torch.bfloat16)
+    for layer, (_mixer, mlp) in zip(ours.layers, ours._largest_layer_gemv_bytes()):
+        experts = layer.mlp.experts
+        if experts.w13_int4_sz.shape[-2] % 64:
+            continue  # rows not in whole 64-blocks: the fused op does not take them
+        one_call = sum(p.nbytes for p in experts.parameters()) * layer.mlp.top_k // experts.num_experts
+        assert experts.fused_decode_bytes(layer.mlp.top_k) == one_call and mlp >= one_call
 
 
 def test_decode_threads_are_sized_per_mixer_and_moe(tiny_fp32, monkeypatch):

@@ -335,6 +335,13 @@ class StackedExperts(nn.Module):
             self._views_of = key
         return self._w13_views, self._w2_views
 
+    def fused_decode_bytes(self, top_k: int) -> int | None:
+        """Weight bytes one fused C++ decode call reads (the top-k experts' w13 and w2), or None when
+        decode runs per expert. Callers size the decode thread count from it."""
+        if self.w13.dtype is not torch.bfloat16 or not kernels.active():
+            return None
+        return (self.w13.nbytes + self.w2.nbytes) * top_k // self.num_experts
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
             return self.decode(x, weights, experts)

@@ -317,6 +317,14 @@ class QuantExperts(_Int4Weights):
             return out
         return grouped_by_expert(x, weights, experts, self.num_experts, mlp)
 
+    def fused_decode_bytes(self, top_k: int) -> int | None:
+        """As ``StackedExperts.fused_decode_bytes``: bytes the fused C++ int4 MoE call reads, or None."""
+        if not (self._is_int4("w13") and self._is_int4("w2")) or not kernels.active():
+            return None
+        if self.w13_int4_sz.dtype is not torch.bfloat16 or self.w13_int4_sz.shape[-2] % KERNEL_ROW_BLOCK:
+            return None
+        return sum(p.nbytes for p in self.parameters()) * top_k // self.num_experts
+
     @property
     def w13_bytes_per_expert(self) -> int:
         return sum(p.nbytes for n, p in self.named_parameters() if n.startswith("w13")) // self.num_experts

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qwen_runner import kernels
 from qwen_runner.errors import UnsupportedModelError
 from qwen_runner.models import quantized
 from qwen_runner.models.layers import (
-    Attention, CausalLM, DenseMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, SparseMoE, StackedExperts,
+    Attention, CausalLM, DenseMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, SparseMoE,
     gemv_threads, matmul_backend, thread_limit,
 )
 
@@ -190,13 +189,11 @@ class Model(CausalLM):
             self._layer_gemv_bytes = max([1] + [
                 p.nbytes // (experts if ".experts." in name else 1)
                 for name, p in self.layers.named_parameters() if p.dim() >= 2])
-            if self.dtype is torch.bfloat16 and kernels.active():
-                # the fused C++ MoE op reads the top-k experts' w13 and w2 in one call
-                for layer in self.layers:
-                    experts = getattr(layer.mlp, "experts", None)
-                    if isinstance(experts, StackedExperts) and experts.w13.dtype is torch.bfloat16:
-                        fused = (experts.w13.nbytes + experts.w2.nbytes) * layer.mlp.top_k // experts.num_experts
-                        self._layer_gemv_bytes = max(self._layer_gemv_bytes, fused)
+            # the fused C++ MoE ops (bf16, int4) read the top-k experts' w13 and w2 in one call
+            for layer in self.layers:
+                experts = getattr(layer.mlp, "experts", None)
+                fused = experts.fused_decode_bytes(layer.mlp.top_k) if experts is not None else None
+                self._layer_gemv_bytes = max(self._layer_gemv_bytes, fused or 0)
         return self._layer_gemv_bytes
 
     def _layers(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

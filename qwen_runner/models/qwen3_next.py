@@ -29,12 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_runner import kernels
 from qwen_runner.errors import CheckpointError
 from qwen_runner.models import deltanet, quantized
 from qwen_runner.models.layers import (CausalLM, DenseMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, SparseMoE,
-                                       StackedExperts, apply_rotary, attend, gemv_threads, matmul_backend,
-                                       thread_limit)
+                                       apply_rotary, attend, gemv_threads, matmul_backend, thread_limit)
 from qwen_runner.models.qwen3_moe import _fused, _stacked_experts, rope_theta_of, sparse_layer_pattern
 
 log = logging.getLogger(__name__)
@@ -413,16 +411,13 @@ class Model(CausalLM):
         """Per layer, bytes of the largest single weight matrix a decoded token reads in (the
         mixer, the MLP/MoE); for stacked experts, one expert's slice."""
         if self._layer_gemv_bytes is None:
-            fused = self.dtype is torch.bfloat16 and kernels.active()
-
             def largest(module: nn.Module) -> int:
                 sizes = [p.nbytes // p.shape[0] if name.startswith("experts.") else p.nbytes
                          for name, p in module.named_parameters()]
                 experts = getattr(module, "experts", None)
-                if fused and isinstance(experts, StackedExperts) and experts.w13.dtype is torch.bfloat16:
-                    # the fused C++ MoE op reads the top-k experts' w13 and w2 in one call (as in qwen3_moe)
-                    sizes.append((experts.w13.nbytes + experts.w2.nbytes) * module.top_k // experts.num_experts)
-                return max([1] + sizes)
+                # the fused C++ MoE ops (bf16, int4) read the top-k experts' w13 and w2 in one call
+                fused = experts.fused_decode_bytes(module.top_k) if experts is not None else None
+                return max([1, fused or 0] + sizes)
             self._layer_gemv_bytes = [
                 (largest(layer.linear_attn if layer.is_linear else layer.self_attn), largest(layer.mlp))
                 for layer in self.layers]
