@@ -111,6 +111,22 @@ def prefill_fp32_mode(env: dict[str, str] | None = None) -> str:
     return mode
 
 
+# lm_head format (--lm-head on build-cache, chat, generate, bench; docs/quantization.md "int4 lm_head").
+# checkpoint: as stored (AutoRound keeps lm_head 16-bit); int4: an RTN copy (asymmetric, min-max per
+# group) packed for the int4 kernel at build/load time. The embedding stays 16-bit, tied or not. The
+# int4 head lives in its own cache variant folder (<dtype>-<backend>-<suffix>) and is recorded in the manifest.
+LM_HEAD_CHECKPOINT, LM_HEAD_INT4 = "checkpoint", "int4"
+LM_HEAD_FORMATS = (LM_HEAD_CHECKPOINT, LM_HEAD_INT4)
+DEFAULT_LM_HEAD = LM_HEAD_CHECKPOINT
+LM_HEAD_VARIANT_SUFFIX = {LM_HEAD_INT4: "head4"}
+# Group size of the int4 head (kernel-legal: 32/64/128/256). When the hidden size is not a multiple of
+# it, the largest smaller kernel group that divides it is used (the tiny test models: hidden 64 -> 64).
+LM_HEAD_INT4_GROUP = 128
+# Rows quantized and packed at a time (a multiple of the int4 packing's 64-row block): bounds the fp32 and
+# int32 scratch of a 151936 x 2048 head to a few tens of MB instead of ~2.5 GB.
+LM_HEAD_QUANT_CHUNK_ROWS = 8192
+
+
 # Generation defaults (chat, generate, bench).
 DEFAULT_MAX_CONTEXT = 4096  # tokens the KV/state cache is allocated for unless --max-context says otherwise
 DEFAULT_CHAT_MAX_TOKENS = 1024

@@ -22,6 +22,7 @@ from types import ModuleType
 
 import torch
 
+from qwen_runner import settings as S
 from qwen_runner.errors import CheckpointError, UnsupportedModelError
 from qwen_runner.models import quantized
 from qwen_runner.quant import parse_quantization_config
@@ -152,9 +153,19 @@ class CheckpointReader:
 
 
 def model_state_from_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
-                                config: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our parameters ``(name, tensor)``, in our layout and ``dtype``, streamed from a checkpoint."""
+                                config: dict | None = None,
+                                lm_head: str = S.DEFAULT_LM_HEAD) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our parameters ``(name, tensor)``, in our layout and ``dtype``, streamed from a checkpoint.
+    ``lm_head``: ``checkpoint`` (as stored) or ``int4`` (an RTN int4 copy, ``quantized.int4_lm_head``)."""
+    if lm_head not in S.LM_HEAD_FORMATS:
+        raise UnsupportedModelError(f"lm_head format {lm_head!r} is not one of {', '.join(S.LM_HEAD_FORMATS)}")
     config = read_config(path) if config is None else config
+    dtype = dtype or checkpoint_dtype(config)
+    state = _checkpoint_state(path, dtype, config)
+    yield from quantized.int4_lm_head(state, dtype) if lm_head == S.LM_HEAD_INT4 else state
+
+
+def _checkpoint_state(path: str | Path, dtype: torch.dtype, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     module = architecture_module(architecture_of(config))
     args = module.Model.args_from_config(config)
     reader = CheckpointReader(path)
@@ -203,12 +214,13 @@ def _spec(path: Path, config: dict):
     return inspect_checkpoint(path)
 
 
-def load(model_path: str | Path, dtype: torch.dtype | None = None):
-    """``(model, tokenizer, spec)`` for a checkpoint dir; ``dtype=None`` keeps the checkpoint's dtype."""
+def load(model_path: str | Path, dtype: torch.dtype | None = None, lm_head: str = S.DEFAULT_LM_HEAD):
+    """``(model, tokenizer, spec)`` for a checkpoint dir; ``dtype=None`` keeps the checkpoint's dtype;
+    ``lm_head="int4"`` quantizes the head at load (as ``build-cache --lm-head int4`` does at build time)."""
     path = Path(model_path)
     config = read_config(path)
     dtype = dtype or checkpoint_dtype(config)
-    model = build_model(config, model_state_from_checkpoint(path, dtype, config))
+    model = build_model(config, model_state_from_checkpoint(path, dtype, config, lm_head))
     log.info("loaded %s (%s, %s)", path.name, model.architecture, dtype)
     return model, load_tokenizer(path), _spec(path, config)
 

@@ -207,6 +207,79 @@ def stacked_experts(reader, prefix: str, num_experts: int, dtype: torch.dtype) -
     return Stacked(w13), Stacked(w2)
 
 
+# --------------------------------------------------------------------------- int4 lm_head (RTN)
+
+LM_HEAD = "lm_head.weight"
+_RTN_MIN_SCALE = 1e-10  # a constant group (max == min) still gets a finite, non-zero scale
+INT4_MAX = 15
+
+
+def rtn_int4(weight: torch.Tensor, group: int, dtype: torch.dtype) -> QWeight:
+    """Round-to-nearest int4 of a dense ``[N, K]`` weight: asymmetric, min-max per group of ``group`` inputs.
+
+    ``w ~ (q - 8) * s + z`` with ``s = (max - min) / 15`` and ``z = min + 8 s`` (q = 0 is the group's
+    minimum, q = 15 its maximum). ``s`` and ``z`` are rounded to ``dtype`` first, as the kernel stores
+    them, and ``q`` is rounded against those rounded values. The float zero ``z`` needs no integer zero
+    point, so ``QWeight.zeros`` (``8 - z / s``) is not integer-valued here; ``pack`` gives back ``z``.
+    """
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / INT4_MAX).clamp(min=_RTN_MIN_SCALE).to(dtype).float()
+    zero = (lo + INT4_MIDPOINT * scale).to(dtype).float()
+    q = torch.round((w - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + INT4_MIDPOINT).clamp_(0, INT4_MAX)
+    zeros = INT4_MIDPOINT - zero / scale
+    return QWeight(q.reshape(n, k).to(torch.uint8), scale.t().contiguous(), zeros.t().contiguous(), 4, group)
+
+
+def lm_head_group(k: int, wanted: int | None = None) -> int | None:
+    """The head's group: ``wanted`` (settings.LM_HEAD_INT4_GROUP), else the largest smaller kernel group
+    dividing ``k``; None when no kernel group divides it."""
+    from qwen_runner import settings as S
+
+    wanted = S.LM_HEAD_INT4_GROUP if wanted is None else wanted
+    return next((g for g in sorted(KERNEL_GROUPS, reverse=True) if g <= wanted and k % g == 0), None)
+
+
+def quantize_lm_head(weight: torch.Tensor, dtype: torch.dtype, group: int | None = None,
+                     chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense ``[N, K]`` head -> (``weight_int4``, ``weight_int4_sz``) for ``QuantLinear``, RTN
+    (``rtn_int4``), quantized and packed ``chunk_rows`` rows at a time (the packing works in 64-row
+    blocks, so chunks that are multiples of 64 concatenate to the whole-matrix packing)."""
+    from qwen_runner import settings as S
+
+    n, k = weight.shape
+    chunk_rows = S.LM_HEAD_QUANT_CHUNK_ROWS if chunk_rows is None else chunk_rows
+    group = lm_head_group(k, group)
+    if group is None or n % KERNEL_N_MULTIPLE or dtype not in KERNEL_DTYPES:  # QWeight.kernel_ok's conditions
+        raise UnsupportedModelError(
+            f"--lm-head int4: the int4 kernel cannot run this lm_head ({n} x {k}, {dtype}); it needs a bf16 or "
+            f"fp32 model, outputs a multiple of {KERNEL_N_MULTIPLE} and a hidden size divisible by "
+            f"{min(KERNEL_GROUPS)}", "drop --lm-head int4 (the head stays as stored), or use --dtype bf16")
+    packed, sz = [], []
+    for begin in range(0, n, chunk_rows):
+        p, z = rtn_int4(weight[begin:begin + chunk_rows], group, dtype).pack(dtype)
+        packed.append(p)
+        sz.append(z)
+    return torch.cat(packed), torch.cat(sz, 1).contiguous()
+
+
+def int4_lm_head(state: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our parameter stream with a dense ``lm_head.weight`` replaced by its RTN int4 copy (``--lm-head int4``).
+    A tied head is the embedding's tensor: the embedding itself stays 16-bit, only the head gets a copy."""
+    for name, value in state:
+        if name == LM_HEAD:
+            packed, sz = quantize_lm_head(value, dtype)
+            log.info("lm_head %s quantized to int4 (RTN, group %d)", tuple(value.shape),
+                     packed.shape[-1] * 2 // sz.shape[0])
+            yield LM_HEAD + INT4_SUFFIX, packed
+            yield LM_HEAD + SZ_SUFFIX, sz
+        else:
+            if name == LM_HEAD + INT4_SUFFIX:
+                log.info("lm_head is already int4 in the checkpoint: kept as stored")
+            yield name, value
+
+
 # --------------------------------------------------------------------------- runtime modules
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
