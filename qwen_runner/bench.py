@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_runner import __version__, hardware, kernels, precision
+from qwen_runner import settings as S
 from qwen_runner.errors import QwenRunnerError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class BenchOptions:
     baseline: Path | None = None
     measure_build: bool = True
     backend: str = "native"
+    lm_head: str = S.DEFAULT_LM_HEAD  # --lm-head for MODEL's own runs (ready, raw, build); not the baseline's
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class Runner:
     def spawn(self, impl: str, threads: int, dtype: str, source: str | None = None, model: str = MAIN) -> dict:
         opts = self.options
         spec = {"impl": impl, "model": str(self.model_path(model)), "threads": threads, "dtype": dtype,
-                "backend": opts.backend,
+                "backend": opts.backend, "lm_head": opts.lm_head if model == MAIN else S.DEFAULT_LM_HEAD,
                 "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "started": time.time()}
         with tempfile.TemporaryDirectory(prefix="qwen-runner-bench-build-") as scratch:
             # raw: an empty cache so nothing is found; build: a fresh one so everything is built.
@@ -135,8 +137,10 @@ class Runner:
 
     def build_ready(self, dtype: str, model: str = MAIN) -> None:
         env = {**os.environ, "QWEN_RUNNER_CACHE": str(self.cache_dir)}
+        lm_head = self.options.lm_head if model == MAIN else S.DEFAULT_LM_HEAD
         proc = subprocess.run([sys.executable, "-m", "qwen_runner", "build-cache", str(self.model_path(model)),
-                               "--dtype", dtype, "--backend", self.options.backend], env=env, capture_output=True, text=True)
+                               "--dtype", dtype, "--backend", self.options.backend, "--lm-head", lm_head],
+                              env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise QwenRunnerError(f"could not build the ready tier: {proc.stderr.strip().splitlines()[-1:]}")
 
@@ -165,6 +169,10 @@ def run_bench(options: BenchOptions, cache_dir: Path, progress=lambda message: N
         inspect_checkpoint(options.baseline)  # a bad baseline fails before anything is measured
     dtype = options.dtype if options.dtype != "auto" else precision.choose_dtype(hardware.detect_cpu().isa).dtype
     env = environment(dtype)
+    if options.lm_head != S.DEFAULT_LM_HEAD:  # MODEL's runs use a non-default head (the baseline's is as stored)
+        from qwen_runner.cache.manifest import head_record
+
+        env["lm_head"] = {"model": MAIN, **head_record(options.lm_head)}
     configs = plan_configs(options, dtype)
     samples: dict[tuple[Config, int], list[dict]] = {}
     probes: dict[int, list[float]] = {t: [] for t in options.threads}
@@ -320,6 +328,10 @@ def format_report(report: dict) -> str:
     ]
     if report.get("baseline"):
         lines.append(f"baseline model: {report['baseline']}")
+    head = env.get("lm_head")
+    if head:
+        extra = ", ".join(f"{k} {v}" for k, v in head.items() if k not in ("model", "format"))
+        lines.append(f"lm_head ({head['model']}): {head['format']} ({extra})")
     kernels = {(r["model"], r["weight_kernel"]) for r in report["results"] if r.get("weight_kernel")}
     for model, kernel in sorted(kernels):
         lines.append(f"int4 weights ({model}): {kernel}")

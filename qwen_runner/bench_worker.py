@@ -43,7 +43,7 @@ def ours(spec: dict) -> dict:
     from qwen_runner.models.quantized import describe_kernel
     from qwen_runner.runtime import open_model
 
-    loaded = open_model(spec["model"], spec["dtype"], spec.get("backend", "native"))
+    loaded = open_model(spec["model"], spec["dtype"], spec.get("backend", "native"), spec.get("lm_head", "checkpoint"))
     loaded_at = time.time()
     prompt = _prompt(spec["prompt_tokens"])
     stats, first_token_at = None, None
@@ -68,6 +68,7 @@ def ours(spec: dict) -> dict:
         "generated_tokens": stats.generated_tokens,
         "bytes_per_token": loaded.bytes_per_token,
         "weight_kernel": describe_kernel(loaded.model),
+        "lm_head": loaded.lm_head,
     }
 
 
@@ -130,7 +131,8 @@ def build(spec: dict) -> dict:
     from qwen_runner.cache import build_cache
 
     start = time.perf_counter()
-    result = build_cache(spec["model"], spec["dtype"], spec.get("backend", "native"), progress=False)
+    result = build_cache(spec["model"], spec["dtype"], spec.get("backend", "native"), progress=False,
+                         lm_head=spec.get("lm_head", "checkpoint"))
     if not result.complete or result.kept:
         raise SystemExit(f"expected a full build from an empty cache, got {result}")
     return {"source": "build", "dtype": spec["dtype"], "build_s": time.perf_counter() - start,

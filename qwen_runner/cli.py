@@ -37,6 +37,22 @@ def _backend_option(func):
                         help="native: stock PyTorch; ipex: intel-extension-for-pytorch (optional, .venv-ipex).")(func)
 
 
+def _check_lm_head(ctx, param, value: str) -> str:
+    if value not in S.LM_HEAD_FORMATS:
+        raise QwenRunnerError(f"--lm-head {value}: not one of {', '.join(S.LM_HEAD_FORMATS)}",
+                              "e.g. --lm-head int4 (RTN int4 copy of the head) or leave it out (as stored)")
+    return value
+
+
+def _lm_head_option(func):
+    return click.option(
+        "--lm-head", "lm_head", metavar="[" + "|".join(S.LM_HEAD_FORMATS) + "]", default=S.DEFAULT_LM_HEAD,
+        show_default=True, callback=_check_lm_head,
+        help=f"lm_head format. checkpoint: as stored; int4: an RTN int4 copy (asym min-max, group "
+             f"{S.LM_HEAD_INT4_GROUP}) made at build/load time, the embedding stays 16-bit "
+             "(docs/quantization.md).")(func)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qwen-runner")
 @click.option("--threads", type=int, default=None, help="Compute threads (default: physical cores usable here).")
@@ -127,15 +143,16 @@ def _memory_guard(stage: str, context_option: bool = False):
 @click.option("--rebuild", is_flag=True, help="Discard existing shards and build everything again.")
 @click.option("--wait", is_flag=True, help="If another build-cache holds this cache, wait for it instead of refusing.")
 @click.option("--layers", type=int, default=None, hidden=True, help="Partial build of the first N layers (quick checks).")
+@_lm_head_option
 @click.option("--force", is_flag=True, help="Go ahead even if the memory plan refuses.")
 @_memory_guard("build")
 def build_cache(model: str, dtype: str, backend: str, tier: str, rebuild: bool, wait: bool, layers: int | None,
-                force: bool) -> None:
+                lm_head: str, force: bool) -> None:
     """Convert MODEL once into the mmap-able ready tier (streaming, resumable; see docs/cache.md)."""
     from qwen_runner.cache import build_cache as build
     from qwen_runner.planner import fmt_bytes
 
-    result = build(model, dtype, backend, target=tier, layers=layers, rebuild=rebuild, wait=wait)
+    result = build(model, dtype, backend, target=tier, layers=layers, rebuild=rebuild, wait=wait, lm_head=lm_head)
     state = "complete" if result.complete else f"partial (--layers {layers})"
     click.echo(f"{result.target} tier {state}: {result.units} shards ({result.written} written, {result.kept} kept), "
                f"{fmt_bytes(result.bytes_on_disk)} in {result.paths.dir}, {result.seconds:.1f} s")
@@ -148,6 +165,7 @@ def build_cache(model: str, dtype: str, backend: str, tier: str, rebuild: bool, 
 def cache(action: str, model: str | None, everything: bool) -> None:
     """List, verify (every checksum) or remove cache entries; MODEL narrows to one checkpoint."""
     from qwen_runner import cache as C
+    from qwen_runner.cache import manifest as M
     from qwen_runner.checkpoint import resolve_model_dir
     from qwen_runner.errors import CacheError
     from qwen_runner.planner import fmt_bytes
@@ -174,7 +192,7 @@ def cache(action: str, model: str | None, everything: bool) -> None:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             m = entry.manifest or {}
             raise CacheError(f"{entry.folder}/{first.line()}{more}",
-                             f"{C.build_hint(model_dir, m.get('dtype', 'auto'), m.get('backend', 'native'))} to rebuild "
+                             f"{C.build_hint(model_dir, m.get('dtype', 'auto'), m.get('backend', 'native'), M.manifest_lm_head(m))} to rebuild "
                              f"what is stale, or `qwen-runner cache rm {model_dir}`")
         for entry in entries:
             click.echo(f"ok   {entry.folder} ({len(entry.manifest['shards'])} shards, checksums match)")
@@ -230,10 +248,11 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed):
 @click.option("--build-cache", "build_first", is_flag=True,
               help="Build (or finish) the ready tier first, with a progress bar, so this and later starts are fast.")
 @_backend_option
+@_lm_head_option
 @_sampling_options(S.DEFAULT_CHAT_TEMPERATURE, S.DEFAULT_CHAT_TOP_K, S.DEFAULT_CHAT_TOP_P)
 @_memory_guard("run")
-def chat(model, prompt, system, think, hide_thinking, max_tokens, build_first, backend, temperature, top_k, top_p,
-         min_p, repeat_penalty, seed, dtype, max_context):
+def chat(model, prompt, system, think, hide_thinking, max_tokens, build_first, backend, lm_head, temperature, top_k,
+         top_p, min_p, repeat_penalty, seed, dtype, max_context):
     """Chat with MODEL: a streaming REPL with tokens/s after each answer."""
     from qwen_runner.chat import start_chat
     from qwen_runner.runtime import open_model
@@ -243,8 +262,8 @@ def chat(model, prompt, system, think, hide_thinking, max_tokens, build_first, b
     if build_first:
         from qwen_runner.cache import build_cache as build
 
-        build(model, dtype, backend)
-    loaded = open_model(model, dtype, backend)
+        build(model, dtype, backend, lm_head=lm_head)
+    loaded = open_model(model, dtype, backend, lm_head)
     start_chat(loaded, prompt=prompt, system=system, think=think, show_thinking=not hide_thinking,
                max_context=max_context, max_tokens=max_tokens, sampling=sampling,
                history_file=S.load_settings().cache_dir / "chat_history", threads=active_config().threads)
@@ -255,16 +274,17 @@ def chat(model, prompt, system, think, hide_thinking, max_tokens, build_first, b
 @click.option("--prompt", required=True, help="Text to continue (no chat template).")
 @click.option("--max-tokens", type=int, default=S.DEFAULT_GENERATE_MAX_TOKENS, show_default=True)
 @_backend_option
+@_lm_head_option
 @_sampling_options(0.0)
 @_memory_guard("run")
-def generate(model, prompt, max_tokens, backend, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+def generate(model, prompt, max_tokens, backend, lm_head, temperature, top_k, top_p, min_p, repeat_penalty, seed,
              dtype, max_context):
     """Raw completion of --prompt: text to stdout, stats to stderr."""
     from qwen_runner.generate import complete
     from qwen_runner.runtime import open_model
 
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-    loaded = open_model(model, dtype, backend)
+    loaded = open_model(model, dtype, backend, lm_head)
     complete(loaded, prompt, max_tokens=max_tokens, sampling=sampling, max_context=max_context,
              out=sys.stdout, err=sys.stderr)
 
@@ -298,11 +318,12 @@ def _thread_list(ctx, param, value: str | None) -> list[int] | None:
                    "bf16 original of an int4 MODEL; ratios of MODEL against it are printed.")
 @click.option("--no-build", "skip_build", is_flag=True, help="Skip the build-cache measurement (time, peak RSS).")
 @_backend_option
+@_lm_head_option
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report (schema: docs/bench.md).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
 @_memory_guard("run", context_option=True)
 def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compare, baseline, skip_build, backend,
-          as_json, output):
+          lm_head, as_json, output):
     """Measure load time, prefill/decode tok/s, TTFT, peak RSS and GB/s (medians over fresh processes)."""
     from pathlib import Path
 
@@ -310,13 +331,15 @@ def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compa
     from qwen_runner.checkpoint import resolve_model_dir
     from qwen_runner.threads import active_config
 
+    if backend != "native" and lm_head != S.DEFAULT_LM_HEAD:
+        raise QwenRunnerError(f"--lm-head {lm_head} needs the native backend", "drop --lm-head, or use --backend native")
     if backend != "native" and baseline:
         raise QwenRunnerError(f"--baseline needs the native backend (--backend {backend} has no ready tier to compare)",
                               "drop --baseline, or bench each checkpoint with --backend ipex separately")
     options = BenchOptions(resolve_model_dir(model), prompt_tokens, gen_tokens, repeats,
                            thread_counts or [active_config().threads], dtype, tuple(dict.fromkeys(compare)),
                            resolve_model_dir(baseline) if baseline else None, measure_build=not skip_build,
-                           backend=backend)
+                           backend=backend, lm_head=lm_head)
     report = run_bench(options, S.load_settings().cache_dir, progress=lambda m: log.info("bench: %s", m))
     problems = check_report(report)
     if problems:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_runner import hardware, precision
+from qwen_runner import settings as S
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class LoadedModel:
     from_ready: bool = False
     backend: str = "native"
     precision: precision.ChainRecord | None = None
+    lm_head: str = S.DEFAULT_LM_HEAD  # --lm-head: checkpoint (as stored) or int4 (RTN copy)
 
     @property
     def bytes_per_token(self) -> int | None:
@@ -66,7 +68,7 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
-def _load(path: Path, impl, dtype: str, record: precision.ChainRecord, where: dict):
+def _load(path: Path, impl, dtype: str, record: precision.ChainRecord, where: dict, lm_head: str = S.DEFAULT_LM_HEAD):
     """(model, tokenizer, spec, from_ready) at ``dtype``; sets ``where['stage']`` as it goes."""
     from qwen_runner.cache import open_ready
 
@@ -76,7 +78,7 @@ def _load(path: Path, impl, dtype: str, record: precision.ChainRecord, where: di
     if custom is not None:
         model, tokenizer, spec = custom
     else:
-        model, manifest = open_ready(path, dtype, impl.name, with_manifest=True)
+        model, manifest = open_ready(path, dtype, impl.name, with_manifest=True, lm_head=lm_head)
         if model is not None:
             from qwen_runner.cache.manifest import spec_from_record
             from qwen_runner.models.loader import load_tokenizer
@@ -95,32 +97,39 @@ def _load(path: Path, impl, dtype: str, record: precision.ChainRecord, where: di
         else:
             from qwen_runner.models import load
 
-            model, tokenizer, spec = load(path, dtype=precision.DtypeChoice(dtype, "").torch_dtype())
+            model, tokenizer, spec = load(path, dtype=precision.DtypeChoice(dtype, "").torch_dtype(), lm_head=lm_head)
     model = impl.prepare(model, dtype)
     where["stage"] = "first forward"
     first_forward(model)
     return model, tokenizer, spec, from_ready
 
 
-def open_model(model: str, dtype: str = "auto", backend: str = "native") -> LoadedModel:
+def open_model(model: str, dtype: str = "auto", backend: str = "native", lm_head: str = S.DEFAULT_LM_HEAD) -> LoadedModel:
     """Load MODEL for inference: from its ready tier when that is current (mmap, nothing converted),
-    else from the checkpoint, logging why and how to build the ready tier."""
+    else from the checkpoint, logging why and how to build the ready tier. ``lm_head="int4"``: the head
+    runs as an RTN int4 copy (from a ready tier built with ``--lm-head int4``, else quantized at load)."""
     from qwen_runner.backends import get_backend
     from qwen_runner.checkpoint import resolve_model_dir
+    from qwen_runner.errors import QwenRunnerError
 
     path = resolve_model_dir(model)
     flush_denormals()
     impl = get_backend(backend)
     impl.require()
+    if lm_head not in S.LM_HEAD_FORMATS:
+        raise QwenRunnerError(f"--lm-head {lm_head!r} is not one of {', '.join(S.LM_HEAD_FORMATS)}")
+    if lm_head != S.DEFAULT_LM_HEAD and not impl.has_cache_layout:
+        raise QwenRunnerError(f"--lm-head {lm_head} needs --backend native (backend {impl.name} loads its own way)",
+                              f"drop --lm-head {lm_head}, or use --backend native")
     choice = choose_dtype(dtype)
     record = precision.ChainRecord(choice.dtype, choice.reason)
     precision.walk_chain(record, "probe", impl.probe, log)
     start = time.perf_counter()
     where: dict = {}
     loaded, tokenizer, spec, from_ready = precision.walk_chain(
-        record, lambda: where["stage"], lambda d: _load(path, impl, d, record, where), log)
+        record, lambda: where["stage"], lambda d: _load(path, impl, d, record, where, lm_head), log)
     seconds = time.perf_counter() - start
     log.info("loaded %s in %.2f s (%s)", path.name, seconds, "ready tier" if from_ready else "checkpoint")
     log.info("backend %s, dtype %s", impl.name, record.summary())
     final = precision.DtypeChoice(record.final, record.reason if not record.fallbacks else record.summary())
-    return LoadedModel(path, loaded, tokenizer, spec, final, seconds, from_ready, impl.name, record)
+    return LoadedModel(path, loaded, tokenizer, spec, final, seconds, from_ready, impl.name, record, lm_head)

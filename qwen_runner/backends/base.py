@@ -39,8 +39,10 @@ class Backend:
     def probe(self, dtype: str) -> None:
         """Run this backend's kernels once at ``dtype`` on tiny inputs; raises what they raise."""
 
-    def optimize(self, model_dir: Path, config: dict, dtype: str, units: list[str]) -> Units:
-        """Raw checkpoint -> optimized tier: ``(unit, {param: tensor})`` in build order."""
+    def optimize(self, model_dir: Path, config: dict, dtype: str, units: list[str],
+                 lm_head: str = "checkpoint") -> Units:
+        """Raw checkpoint -> optimized tier: ``(unit, {param: tensor})`` in build order (``lm_head``:
+        settings.LM_HEAD_FORMATS, ``int4`` stores an RTN int4 copy of the head)."""
         raise NotImplementedError
 
     def ready(self, optimized: Units, dtype: str) -> Units:

@@ -51,13 +51,14 @@ class NativeBackend(Backend):
     def probe(self, dtype: str) -> None:
         probe_kernels(dtype)
 
-    def optimize(self, model_dir: Path, config: dict, dtype: str, units: list[str]) -> Units:
+    def optimize(self, model_dir: Path, config: dict, dtype: str, units: list[str],
+                 lm_head: str = "checkpoint") -> Units:
         """Our layout in the chosen dtype, grouped per unit from the streaming converter."""
         from qwen_runner.models import model_state_from_checkpoint
         from qwen_runner.precision import DtypeChoice
 
         wanted = set(units)
-        state = model_state_from_checkpoint(model_dir, DtypeChoice(dtype, "").torch_dtype(), config)
+        state = model_state_from_checkpoint(model_dir, DtypeChoice(dtype, "").torch_dtype(), config, lm_head)
         current, bucket = None, {}
         try:
             for name, tensor in state:

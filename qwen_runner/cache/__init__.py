@@ -63,7 +63,8 @@ def verify(model_dir: Path, root: Path | None = None) -> tuple[list[Entry], list
             problems.append((entry, M.Problem(M.MANIFEST, "unreadable manifest", True)))
             continue
         paths = CachePaths(entry.folder.parent.parent, entry.folder.parent.name, entry.folder.name)
-        for problem in M.check(paths, m, files, m["dtype"], m["backend"], full=True, tier=m.get("target", READY)):
+        for problem in M.check(paths, m, files, m["dtype"], m["backend"], full=True, tier=m.get("target", READY),
+                               lm_head=M.manifest_lm_head(m)):
             problems.append((entry, problem))
     return entries, problems
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_runner.backends.native import EMBED_UNIT, HEAD_UNIT, layer_unit
+from qwen_runner import settings as S
 from qwen_runner.cache import manifest as M
 from qwen_runner.cache.store import (
     RAW, READY, TIERS, CacheLock, CachePaths, cache_paths, ensure_dir, read_manifest, remove_stale_temps,
@@ -83,10 +84,11 @@ def cache_backend(backend: str):
     return impl
 
 
-def locate(model_dir: Path, dtype: str, backend: str, root: Path | None = None) -> tuple[CachePaths, list[dict]]:
-    """The cache entry for this checkpoint (fingerprinted from its headers), dtype and backend."""
+def locate(model_dir: Path, dtype: str, backend: str, root: Path | None = None,
+           lm_head: str = S.DEFAULT_LM_HEAD) -> tuple[CachePaths, list[dict]]:
+    """The cache entry for this checkpoint (fingerprinted from its headers), dtype, backend and lm_head format."""
     files = M.source_files(model_dir)
-    return cache_paths(model_dir.name, M.fingerprint(files), dtype, backend, root), files
+    return cache_paths(model_dir.name, M.fingerprint(files), dtype, backend, root, lm_head), files
 
 
 def planned_units(num_layers: int, layers: int | None) -> list[str]:
@@ -188,14 +190,14 @@ class _Ties:
 
 
 def _reusable(old: dict | None, paths: CachePaths, files: list[dict], dtype: str, backend: str, target: str,
-              rebuild: bool) -> dict:
+              rebuild: bool, lm_head: str = S.DEFAULT_LM_HEAD) -> dict:
     """Shards of a previous (possibly crashed) build that are still valid: {rel: entry}."""
     if old is None:
         return {}
     if rebuild:
         log.info("--rebuild: discarding %d existing shards", len(old.get("shards", {})))
         return {}
-    problem = M.check_layout(old, dtype, backend) or M.check_source(old, files)
+    problem = M.check_layout(old, dtype, backend, lm_head) or M.check_source(old, files)
     if problem is None and old.get("target") != target:
         problem = M.Problem(M.MANIFEST, f"was built up to the {old.get('target')} tier", True)
     if problem:
@@ -213,8 +215,11 @@ def _reusable(old: dict | None, paths: CachePaths, files: list[dict], dtype: str
 
 def build_cache(model: str | Path, dtype: str = "auto", backend: str = "native", *, target: str = READY,
                 layers: int | None = None, rebuild: bool = False, wait: bool = False, root: Path | None = None,
-                progress: bool | None = None) -> BuildResult:
+                progress: bool | None = None, lm_head: str = S.DEFAULT_LM_HEAD) -> BuildResult:
     """Build (or finish, or refresh) the cache entry of ``model`` up to ``target``; see the module doc.
+
+    ``lm_head="int4"`` stores an RTN int4 copy of the head (``quantized.int4_lm_head``) in its own
+    variant folder (``<dtype>-<backend>-head4``), recorded in the manifest; the raw tier has no such form.
 
     The dtype walks down the chain (fp16 -> bf16 -> fp32, logged) when the backend's kernels raise
     at the probe or while building; the manifest's ``precision`` records the choice and every step.
@@ -226,11 +231,16 @@ def build_cache(model: str | Path, dtype: str = "auto", backend: str = "native",
         raise CacheError(f"cannot build tier {target!r}", f"build one of: {', '.join(BUILD_TARGETS)}")
     if layers is not None and layers < 1:
         raise CacheError(f"--layers {layers} must be at least 1")
+    if lm_head not in S.LM_HEAD_FORMATS:
+        raise CacheError(f"--lm-head {lm_head!r} is not one of {', '.join(S.LM_HEAD_FORMATS)}")
+    if target == RAW and lm_head != S.DEFAULT_LM_HEAD:
+        raise CacheError(f"--lm-head {lm_head} applies to the ready tier; the raw tier keeps the checkpoint's tensors",
+                         f"drop --tier raw, or drop --lm-head {lm_head}")
     impl = cache_backend(backend)
     model_dir = resolve_model_dir(str(model))
     spec = inspect_checkpoint(model_dir)
     tiers = tier_plan(spec.quant is not None, target)
-    args = (model_dir, spec, impl, tiers, target, layers, rebuild, wait, root, progress)
+    args = (model_dir, spec, impl, tiers, target, layers, rebuild, wait, root, progress, lm_head)
     if target == RAW:  # the raw tier keeps the checkpoint's own dtypes: one raw entry serves every --dtype
         return _build(*args, RAW_DTYPE, None)
     record = choose(dtype)
@@ -239,14 +249,14 @@ def build_cache(model: str | Path, dtype: str = "auto", backend: str = "native",
 
 
 def _build(model_dir: Path, spec, impl, tiers: dict, target: str, layers: int | None, rebuild: bool, wait: bool,
-           root: Path | None, progress: bool | None, dtype: str, record) -> BuildResult:
+           root: Path | None, progress: bool | None, lm_head: str, dtype: str, record) -> BuildResult:
     """One build at one dtype (``record``: the dtype chain so far, written into the manifest)."""
     from tqdm import tqdm
 
     from qwen_runner.models.loader import read_config
 
     backend = impl.name
-    paths, files = locate(model_dir, dtype, backend, root)
+    paths, files = locate(model_dir, dtype, backend, root, lm_head)
     start = time.perf_counter()
     with CacheLock(paths.dir, wait=wait):
         if remove_stale_temps(paths.dir):
@@ -256,9 +266,9 @@ def _build(model_dir: Path, spec, impl, tiers: dict, target: str, layers: int | 
         except CacheError as err:
             log.warning("%s: rebuilding everything", err.message)
             old = None
-        keep = _reusable(old, paths, files, dtype, backend, target, rebuild)
+        keep = _reusable(old, paths, files, dtype, backend, target, rebuild, lm_head)
         units = planned_units(spec.config.num_layers, layers)
-        manifest = M.new_manifest(model_dir, files, dtype, backend, units, tiers, layers, target, spec)
+        manifest = M.new_manifest(model_dir, files, dtype, backend, units, tiers, layers, target, spec, lm_head)
         if record is not None:
             manifest["precision"] = record.as_dict()
         manifest["shards"] = {rel: keep[rel] for rel in (f"{target}/{u}.pt" for u in units) if rel in keep}
@@ -269,7 +279,7 @@ def _build(model_dir: Path, spec, impl, tiers: dict, target: str, layers: int | 
         if target == RAW:
             stream = raw_units(model_dir, spec, units)
         else:
-            stream = impl.ready(impl.optimize(model_dir, read_config(model_dir), dtype, units), dtype)
+            stream = impl.ready(impl.optimize(model_dir, read_config(model_dir), dtype, units, lm_head), dtype)
         ties = _Ties()
         written = 0
         # progress=None: a bar only on a terminal (tqdm's own check); the ETA comes from tqdm's rate.

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from qwen_runner import settings as S
 from qwen_runner.cache import manifest as M
 from qwen_runner.cache.build import locate
 from qwen_runner.cache.store import READY, CachePaths, read_manifest
@@ -21,15 +22,17 @@ from qwen_runner.errors import CacheError
 log = logging.getLogger(__name__)
 
 
-def build_hint(model_dir: Path, dtype: str, backend: str = "native") -> str:
+def build_hint(model_dir: Path, dtype: str, backend: str = "native", lm_head: str = S.DEFAULT_LM_HEAD) -> str:
     extra = "" if backend == "native" else f" --backend {backend}"
+    extra += "" if lm_head == S.DEFAULT_LM_HEAD else f" --lm-head {lm_head}"
     return f"run `qwen-runner build-cache {model_dir} --dtype {dtype}{extra}`"
 
 
-def find_ready(model_dir: Path, dtype: str, backend: str = "native",
-               root: Path | None = None) -> tuple[CachePaths, dict | None, list[M.Problem]]:
-    """(paths, manifest, problems) for the ready tier of this checkpoint; no problems means current."""
-    paths, files = locate(model_dir, dtype, backend, root)
+def find_ready(model_dir: Path, dtype: str, backend: str = "native", root: Path | None = None,
+               lm_head: str = S.DEFAULT_LM_HEAD) -> tuple[CachePaths, dict | None, list[M.Problem]]:
+    """(paths, manifest, problems) for the ready tier of this checkpoint; no problems means current.
+    ``lm_head``: the ``--lm-head`` format wanted (its own variant folder; the manifest must agree)."""
+    paths, files = locate(model_dir, dtype, backend, root, lm_head)
     try:
         manifest = read_manifest(paths.manifest)
     except CacheError as err:
@@ -38,7 +41,7 @@ def find_ready(model_dir: Path, dtype: str, backend: str = "native",
         changed = _older_entry(paths, model_dir, files)
         if changed:
             return paths, None, [changed]
-    return paths, manifest, M.check(paths, manifest, files, dtype, backend, full=False)
+    return paths, manifest, M.check(paths, manifest, files, dtype, backend, full=False, lm_head=lm_head)
 
 
 def _older_entry(paths: CachePaths, model_dir: Path, files: list[dict]) -> M.Problem | None:
@@ -98,16 +101,16 @@ def load_ready_model(paths: CachePaths, manifest: dict, config: dict):
         return build_model(config, state.items())
 
 
-def find_ready_chain(model_dir: Path, dtype: str, backend: str = "native",
-                     root: Path | None = None) -> tuple[CachePaths, dict | None, list[M.Problem]]:
+def find_ready_chain(model_dir: Path, dtype: str, backend: str = "native", root: Path | None = None,
+                     lm_head: str = S.DEFAULT_LM_HEAD) -> tuple[CachePaths, dict | None, list[M.Problem]]:
     """``find_ready`` for ``dtype``, else for a lower dtype whose build fell back from ``dtype`` (its
     kernels raised while building): the entry `build-cache` left for this request."""
     from qwen_runner import precision
 
-    found = find_ready(model_dir, dtype, backend, root)
+    found = find_ready(model_dir, dtype, backend, root, lm_head)
     lower = precision.next_dtype(dtype)
     while found[2] and lower is not None:
-        paths, manifest, problems = find_ready(model_dir, lower, backend, root)
+        paths, manifest, problems = find_ready(model_dir, lower, backend, root, lm_head)
         failed = {f["dtype"] for f in ((manifest or {}).get("precision") or {}).get("fallbacks", [])}
         if not problems and dtype in failed:
             log.info("using the %s ready tier: the %s build fell back to it", lower, dtype)
@@ -116,23 +119,26 @@ def find_ready_chain(model_dir: Path, dtype: str, backend: str = "native",
     return found
 
 
-def ready_tier_exists(model_dir: Path | str, dtype: str = "auto", backend: str = "native") -> bool:
+def ready_tier_exists(model_dir: Path | str, dtype: str = "auto", backend: str = "native",
+                      lm_head: str = S.DEFAULT_LM_HEAD) -> bool:
     """Planner hook: whether a current ready tier exists for this checkpoint (cheap checks only)."""
     from qwen_runner.cache.build import resolve_dtype
 
-    _paths, _manifest, problems = find_ready_chain(Path(model_dir).resolve(), resolve_dtype(dtype), backend)
+    _paths, _manifest, problems = find_ready_chain(Path(model_dir).resolve(), resolve_dtype(dtype), backend,
+                                                   lm_head=lm_head)
     return not problems
 
 
-def current_ready(model_dir: Path, dtype: str, backend: str = "native") -> tuple[CachePaths, dict] | None:
+def current_ready(model_dir: Path, dtype: str, backend: str = "native",
+                  lm_head: str = S.DEFAULT_LM_HEAD) -> tuple[CachePaths, dict] | None:
     """The current ready tier's (paths, manifest), or None (and the reason logged, with how to build it).
     A lower dtype's entry counts when the build for ``dtype`` fell back to it (``find_ready_chain``)."""
-    paths, manifest, problems = find_ready_chain(model_dir, dtype, backend)
+    paths, manifest, problems = find_ready_chain(model_dir, dtype, backend, lm_head=lm_head)
     if problems:
         first = problems[0]
         level = logging.INFO if manifest is None and first.file == M.MANIFEST else logging.WARNING
         log.log(level, "ready tier not used (%s); loading from the checkpoint. To load in seconds: %s",
-                first.line(), build_hint(model_dir, dtype, backend))
+                first.line(), build_hint(model_dir, dtype, backend, lm_head))
         return None
     return paths, manifest
 
@@ -146,12 +152,14 @@ def ready_spec(model_dir: Path, dtype: str, backend: str = "native"):
     return M.spec_from_record(manifest["spec"], model_dir)
 
 
-def open_ready(model_dir: Path, dtype: str, backend: str = "native", with_manifest: bool = False):
+def open_ready(model_dir: Path, dtype: str, backend: str = "native", with_manifest: bool = False,
+               lm_head: str = S.DEFAULT_LM_HEAD):
     """The model from the current ready tier, or None (and the reason logged, with how to build it).
-    ``with_manifest``: ``(model, manifest)`` instead (the manifest says which dtype it holds)."""
+    ``with_manifest``: ``(model, manifest)`` instead (the manifest says which dtype it holds).
+    ``lm_head``: the ``--lm-head`` format wanted; only an entry built with it is used."""
     from qwen_runner.models.loader import read_config
 
-    found = current_ready(model_dir, dtype, backend)
+    found = current_ready(model_dir, dtype, backend, lm_head)
     if found is None:
         return (None, None) if with_manifest else None
     paths, manifest = found

@@ -24,7 +24,7 @@ SAFETENSORS_HEADER_LEN = 8
 # Besides the weights, these checkpoint files decide what the cache holds.
 SOURCE_EXTRA_FILES = ("config.json", "model.safetensors.index.json")
 # Fields that must match for the cache to be current; a change in any of them makes every shard stale.
-LAYOUT_FIELDS = ("format_version", "dtype", "backend", "versions")
+LAYOUT_FIELDS = ("format_version", "dtype", "backend", "versions", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -165,8 +165,21 @@ def cpu_features() -> list[str]:
     return sorted(flag for flag, present in detect_cpu().isa.items() if present)
 
 
+def head_record(lm_head: str = S.DEFAULT_LM_HEAD) -> dict:
+    """The manifest's ``lm_head``: how the head was stored (a manifest without it: ``checkpoint``)."""
+    if lm_head == S.LM_HEAD_INT4:
+        return {"format": lm_head, "method": "rtn-asym-minmax", "group": S.LM_HEAD_INT4_GROUP}
+    return {"format": lm_head}
+
+
+def manifest_lm_head(manifest: dict) -> str:
+    """The ``--lm-head`` format an entry was built with (entries from before the field: ``checkpoint``)."""
+    return (manifest.get("lm_head") or {}).get("format", S.LM_HEAD_CHECKPOINT)
+
+
 def new_manifest(model_dir: Path, files: list[dict], dtype: str, backend: str, units: list[str],
-                 tiers: dict, layers_limit: int | None, target: str, spec=None) -> dict:
+                 tiers: dict, layers_limit: int | None, target: str, spec=None,
+                 lm_head: str = S.DEFAULT_LM_HEAD) -> dict:
     return {
         "format_version": S.CACHE_FORMAT_VERSION,
         "tool": f"qwen-runner {__version__}",
@@ -174,6 +187,7 @@ def new_manifest(model_dir: Path, files: list[dict], dtype: str, backend: str, u
         "cpu_features": cpu_features(),
         "dtype": dtype,
         "backend": backend,
+        "lm_head": head_record(lm_head),
         "checksum": HASH_NAME,
         "source": {"path": str(model_dir), "name": model_dir.name, "fingerprint": fingerprint(files), "files": files},
         "spec": spec_record(spec) if spec is not None else None,
@@ -190,18 +204,26 @@ def new_manifest(model_dir: Path, files: list[dict], dtype: str, backend: str, u
 # ------------------------------------------------------------------------------------------ checks
 
 
-def check_layout(manifest: dict, dtype: str, backend: str) -> Problem | None:
-    """A manifest written by another format/tool/torch/dtype/backend: every shard is stale."""
+def check_layout(manifest: dict, dtype: str, backend: str, lm_head: str = S.DEFAULT_LM_HEAD) -> Problem | None:
+    """A manifest written by another format/tool/torch/dtype/backend/lm_head format: every shard is stale."""
     found = manifest.get("format_version")
     if found != S.CACHE_FORMAT_VERSION:
         return Problem(MANIFEST, f"cache format version {found}, this qwen-runner reads version {S.CACHE_FORMAT_VERSION}", True)
     if manifest.get("dtype") != dtype or manifest.get("backend") != backend:
         return Problem(MANIFEST, f"built for {manifest.get('dtype')}/{manifest.get('backend')}, wanted {dtype}/{backend}", True)
+    built, wanted = manifest.get("lm_head") or head_record(S.LM_HEAD_CHECKPOINT), head_record(lm_head)
+    if built != wanted:
+        return Problem(MANIFEST, f"built with lm_head {_head_text(built)}, wanted {_head_text(wanted)}", True)
     now, then = current_versions(backend), manifest.get("versions") or {}
     for key in ("qwen_runner", "torch", "backend"):
         if then.get(key) != now[key]:
             return Problem(MANIFEST, f"built with {key} {then.get(key)}, this is {key} {now[key]}", True)
     return None
+
+
+def _head_text(record: dict) -> str:
+    extra = ", ".join(f"{k} {v}" for k, v in record.items() if k != "format")
+    return record.get("format", "?") + (f" ({extra})" if extra else "")
 
 
 def check_source(manifest: dict, files: list[dict]) -> Problem | None:
@@ -238,11 +260,12 @@ def check_shard(path: Path, rel: str, entry: dict, full: bool) -> Problem | None
 
 
 def check(paths: CachePaths, manifest: dict | None, files: list[dict], dtype: str, backend: str,
-          full: bool, tier: str = READY) -> list[Problem]:
+          full: bool, tier: str = READY, lm_head: str = S.DEFAULT_LM_HEAD) -> list[Problem]:
     """Everything that keeps ``tier`` of this entry from being current; empty means usable as is."""
     if manifest is None:
-        return [Problem(MANIFEST, "no cache built for this model, dtype and backend", True)]
-    for problem in (check_layout(manifest, dtype, backend), check_source(manifest, files)):
+        what = "" if lm_head == S.DEFAULT_LM_HEAD else f" with --lm-head {lm_head}"
+        return [Problem(MANIFEST, f"no cache built for this model, dtype and backend{what}", True)]
+    for problem in (check_layout(manifest, dtype, backend, lm_head), check_source(manifest, files)):
         if problem:
             return [problem]
     if manifest.get("target") != tier:

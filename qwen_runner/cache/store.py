@@ -297,9 +297,14 @@ class CachePaths:
         return self.dir / tier / f"{unit}{SHARD_SUFFIX}"
 
 
-def cache_paths(model_name: str, fingerprint: str, dtype: str, backend: str, root: Path | None = None) -> CachePaths:
+def cache_paths(model_name: str, fingerprint: str, dtype: str, backend: str, root: Path | None = None,
+                lm_head: str = S.DEFAULT_LM_HEAD) -> CachePaths:
+    """An entry's folders; a non-default lm_head format (``--lm-head int4``) is its own variant,
+    ``<dtype>-<backend>-head4``, so it never replaces or is mistaken for the default entry."""
     root = S.default_cache_dir() if root is None else Path(root).resolve()
-    return CachePaths(root, f"{model_name}-{fingerprint[:S.CACHE_FINGERPRINT_CHARS]}", f"{dtype}-{backend}")
+    suffix = S.LM_HEAD_VARIANT_SUFFIX.get(lm_head)
+    variant = f"{dtype}-{backend}" + (f"-{suffix}" if suffix else "")
+    return CachePaths(root, f"{model_name}-{fingerprint[:S.CACHE_FINGERPRINT_CHARS]}", variant)
 
 
 def iter_entries(root: Path | None = None) -> Iterator[tuple[Path, dict | None]]:
