@@ -7,6 +7,7 @@ import platform
 
 from qwen_runner import __version__, hardware, kernels, precision
 from qwen_runner.backends import backend_statuses
+from qwen_runner import settings as S
 from qwen_runner.settings import load_settings
 from qwen_runner.threads import active_config
 
@@ -32,8 +33,10 @@ def probed_precision(isa: dict) -> dict:
 
 
 def cache_precisions() -> list[dict]:
-    """Per cache entry: backend and the dtype its build ended with (with any steps down the chain)."""
+    """Per cache entry: backend and the dtype its build ended with (with any steps down the chain), and
+    ``lm_head`` when the entry holds a non-default head (``--lm-head int4``)."""
     from qwen_runner.cache import list_entries
+    from qwen_runner.cache.manifest import manifest_lm_head
 
     out = []
     for entry in list_entries():
@@ -41,6 +44,8 @@ def cache_precisions() -> list[dict]:
         if m.get("dtype") and m.get("precision"):
             out.append({"entry": entry.folder.parent.name + "/" + entry.folder.name, "backend": m.get("backend"),
                         "dtype": m["dtype"], "precision": m["precision"]})
+            if manifest_lm_head(m) != S.DEFAULT_LM_HEAD:
+                out[-1]["lm_head"] = m["lm_head"]
     return out
 
 
@@ -141,5 +146,7 @@ def format_info(info: dict) -> str:
     if probed.fallbacks:
         lines.insert(-2, f"probe     {probed.summary()}")
     for entry in info.get("cache_precision", []):
-        lines.append(f"          {entry['entry']}: {precision.ChainRecord.from_dict(entry['precision']).summary()}")
+        head = entry.get("lm_head")
+        head = f"; lm_head {head['format']} (group {head.get('group')})" if head else ""
+        lines.append(f"          {entry['entry']}: {precision.ChainRecord.from_dict(entry['precision']).summary()}{head}")
     return "\n".join(lines)

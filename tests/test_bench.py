@@ -129,3 +129,20 @@ def test_ctrl_c_writes_no_partial_report(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_lm_head_int4_is_in_the_env_block(report):
+    """`--lm-head int4` runs MODEL with the RTN int4 head: the env block says so, and bytes/token count it."""
+    import torch
+
+    from qwen_runner import settings as S
+    from qwen_runner.models import load
+
+    assert "lm_head" not in report["environment"]  # the default head: nothing to say
+    head4 = bench_json("tiny-qwen3-moe-int4", "--dtype", "bf16", "--no-build", "--lm-head", "int4")
+    assert check_report(head4) == []
+    assert head4["environment"]["lm_head"] == {"model": "main", "format": "int4", "method": "rtn-asym-minmax",
+                                               "group": S.LM_HEAD_INT4_GROUP}
+    assert {r["source"] for r in head4["results"]} == {"ready", "raw"}
+    default, _, _ = load(model_path("tiny-qwen3-moe-int4"), torch.bfloat16)
+    assert head4["active_bytes_per_token"] < default.decode_weight_bytes()

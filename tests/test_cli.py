@@ -92,3 +92,32 @@ def test_main_in_process_exits_with_the_error_code(capsys):
         main(["chat", "/no/such/path"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith("error: model not found")
+
+
+LM_HEAD_COMMANDS = {"build-cache": [], "chat": ["--prompt", "hi"], "generate": ["--prompt", "hi"], "bench": []}
+
+
+@pytest.mark.parametrize("command", sorted(LM_HEAD_COMMANDS))
+def test_lm_head_option_is_offered_and_bad_values_are_one_line(cli, command):
+    from tests.conftest import model_path
+
+    assert "--lm-head [checkpoint|int4]" in cli(command, "--help").stdout
+    result = cli(command, str(model_path("tiny-qwen3-moe")), "--lm-head", "int3", *LM_HEAD_COMMANDS[command])
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: --lm-head int3: not one of checkpoint, int4")
+    assert "Traceback" not in result.stderr
+
+
+def test_lm_head_int4_builds_its_own_entry_and_generates(cli, tmp_path):
+    from tests.conftest import model_path
+
+    env = {**os.environ, "QWEN_RUNNER_CACHE": str(tmp_path / "cache")}
+    model = str(model_path("tiny-qwen3-moe"))
+    built = cli("build-cache", model, "--dtype", "bf16", "--lm-head", "int4", env=env)
+    assert built.returncode == 0, built.stderr
+    assert "bf16-native-head4" in built.stdout
+    run = cli("-v", "generate", model, "--dtype", "bf16", "--lm-head", "int4", "--prompt", "hi", "--max-tokens", "3", env=env)
+    assert run.returncode == 0, run.stderr
+    assert "(ready tier)" in run.stderr  # the head4 entry was used, not the checkpoint
+    listed = cli("cache", "ls", model, env=env)
+    assert "/bf16-native-head4 " in listed.stdout and "/bf16-native " not in listed.stdout  # the default: not built
