@@ -58,6 +58,7 @@ def test_rtn_int4_is_within_half_a_step_and_chunking_packs_the_same():
 
 
 def test_group_falls_back_to_a_divisor_of_the_hidden_size():
+    assert Q.lm_head_group(1024) == S.LM_HEAD_INT4_GROUP
     assert Q.lm_head_group(1024, 128) == 128
     assert Q.lm_head_group(896, 128) == 128
     assert Q.lm_head_group(64, 128) == 64
