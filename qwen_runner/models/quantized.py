@@ -17,6 +17,9 @@ Formats (checked against auto-round's own exports): ``auto_round:auto_gptq`` and
 values along the input dimension and store zero points minus 1; ``auto_round:auto_awq`` (auto-round's
 asym default) packs along the output dimension in AWQ's interleaved order and stores zero points as is.
 Act-order (a non-trivial ``g_idx``) is refused.
+
+``--lm-head int4`` (``int4_lm_head``): the 16-bit lm_head that AutoRound keeps is replaced by an RTN int4
+copy (asymmetric min-max per group, ``rtn_int4``) in the same packed layout, so it runs on the same kernel.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class QWeight:
 
     q: torch.Tensor
     scales: torch.Tensor  # fp32
-    zeros: torch.Tensor  # fp32 (integer-valued)
+    zeros: torch.Tensor  # fp32 (integer-valued from checkpoints; rtn_int4's are not, see there)
     bits: int
     group: int
 
