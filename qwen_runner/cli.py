@@ -191,8 +191,9 @@ def cache(action: str, model: str | None, everything: bool) -> None:
             entry, first = problems[0]
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             m = entry.manifest or {}
+            hint = C.build_hint(model_dir, m.get("dtype", "auto"), m.get("backend", "native"), M.manifest_lm_head(m))
             raise CacheError(f"{entry.folder}/{first.line()}{more}",
-                             f"{C.build_hint(model_dir, m.get('dtype', 'auto'), m.get('backend', 'native'), M.manifest_lm_head(m))} to rebuild "
+                             f"{hint} to rebuild "
                              f"what is stale, or `qwen-runner cache rm {model_dir}`")
         for entry in entries:
             click.echo(f"ok   {entry.folder} ({len(entry.manifest['shards'])} shards, checksums match)")
@@ -332,7 +333,8 @@ def bench(model, prompt_tokens, gen_tokens, repeats, thread_counts, dtype, compa
     from qwen_runner.threads import active_config
 
     if backend != "native" and lm_head != S.DEFAULT_LM_HEAD:
-        raise QwenRunnerError(f"--lm-head {lm_head} needs the native backend", "drop --lm-head, or use --backend native")
+        raise QwenRunnerError(f"--lm-head {lm_head} needs the native backend",
+                              "drop --lm-head, or use --backend native")
     if backend != "native" and baseline:
         raise QwenRunnerError(f"--baseline needs the native backend (--backend {backend} has no ready tier to compare)",
                               "drop --baseline, or bench each checkpoint with --backend ipex separately")

@@ -148,5 +148,6 @@ def format_info(info: dict) -> str:
     for entry in info.get("cache_precision", []):
         head = entry.get("lm_head")
         head = f"; lm_head {head['format']} (group {head.get('group')})" if head else ""
-        lines.append(f"          {entry['entry']}: {precision.ChainRecord.from_dict(entry['precision']).summary()}{head}")
+        summary = precision.ChainRecord.from_dict(entry["precision"]).summary()
+        lines.append(f"          {entry['entry']}: {summary}{head}")
     return "\n".join(lines)

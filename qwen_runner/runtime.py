@@ -104,7 +104,8 @@ def _load(path: Path, impl, dtype: str, record: precision.ChainRecord, where: di
     return model, tokenizer, spec, from_ready
 
 
-def open_model(model: str, dtype: str = "auto", backend: str = "native", lm_head: str = S.DEFAULT_LM_HEAD) -> LoadedModel:
+def open_model(model: str, dtype: str = "auto", backend: str = "native",
+               lm_head: str = S.DEFAULT_LM_HEAD) -> LoadedModel:
     """Load MODEL for inference: from its ready tier when that is current (mmap, nothing converted),
     else from the checkpoint, logging why and how to build the ready tier. ``lm_head="int4"``: the head
     runs as an RTN int4 copy (from a ready tier built with ``--lm-head int4``, else quantized at load)."""

@@ -104,7 +104,8 @@ def test_lm_head_option_is_offered_and_bad_values_are_one_line(cli, command):
     assert "--lm-head [checkpoint|int4]" in cli(command, "--help").stdout
     result = cli(command, str(model_path("tiny-qwen3-moe")), "--lm-head", "int3", *LM_HEAD_COMMANDS[command])
     assert result.returncode == 1, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: --lm-head int3: not one of checkpoint, int4")
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: --lm-head int3: not one of checkpoint, int4")
     assert "Traceback" not in result.stderr
 
 
@@ -116,7 +117,8 @@ def test_lm_head_int4_builds_its_own_entry_and_generates(cli, tmp_path):
     built = cli("build-cache", model, "--dtype", "bf16", "--lm-head", "int4", env=env)
     assert built.returncode == 0, built.stderr
     assert "bf16-native-head4" in built.stdout
-    run = cli("-v", "generate", model, "--dtype", "bf16", "--lm-head", "int4", "--prompt", "hi", "--max-tokens", "3", env=env)
+    run = cli("-v", "generate", model, "--dtype", "bf16", "--lm-head", "int4", "--prompt", "hi", "--max-tokens", "3",
+              env=env)
     assert run.returncode == 0, run.stderr
     assert "(ready tier)" in run.stderr  # the head4 entry was used, not the checkpoint
     listed = cli("cache", "ls", model, env=env)

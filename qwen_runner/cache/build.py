@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_runner.backends.native import EMBED_UNIT, HEAD_UNIT, layer_unit
 from qwen_runner import settings as S
+from qwen_runner.backends.native import EMBED_UNIT, HEAD_UNIT, layer_unit
 from qwen_runner.cache import manifest as M
 from qwen_runner.cache.store import (
     RAW, READY, TIERS, CacheLock, CachePaths, cache_paths, ensure_dir, read_manifest, remove_stale_temps,
