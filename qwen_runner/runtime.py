@@ -68,7 +68,8 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
-def _load(path: Path, impl, dtype: str, record: precision.ChainRecord, where: dict, lm_head: str = S.DEFAULT_LM_HEAD):
+def _load(path: Path, impl, dtype: str, record: precision.ChainRecord, where: dict,
+          lm_head: str = S.DEFAULT_LM_HEAD):
     """(model, tokenizer, spec, from_ready) at ``dtype``; sets ``where['stage']`` as it goes."""
     from qwen_runner.cache import open_ready
 
