@@ -36,6 +36,15 @@ def private_cache(tmp_path_factory):
         os.environ["QWEN_RUNNER_CACHE"] = previous
 
 
+@pytest.fixture(autouse=True)
+def normal_floats():
+    """``runtime.open_model`` flushes denormals for the whole process (a CLI run's choice); tests that
+    call it in-process must not leave it set for the next test (hypothesis refuses to run under it)."""
+    yield
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_flush_denormal(False)
+
+
 @pytest.fixture
 def cli():
     return run_cli

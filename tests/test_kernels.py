@@ -209,7 +209,7 @@ def test_info_names_the_decode_kernel_without_building(monkeypatch):
     kernels.reset()
     info = collect_info()
     assert info["compute"]["decode_kernel"]["kernel"] == "aten"
-    assert "decode    one-row bf16 matmuls + fused MoE: aten" in format_info(info)
+    assert "decode    one-row bf16 and int4 matmuls + fused MoE: aten" in format_info(info)
     monkeypatch.setenv("QWEN_RUNNER_KERNELS", "portable")
     kernels.reset()
     assert collect_info()["compute"]["decode_kernel"]["kernel"] == "C++ portable GEMV"
