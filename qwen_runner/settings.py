@@ -76,6 +76,10 @@ DEFAULT_KERNEL_MODE = "auto"
 # the second thread saves. Measured: 1-2 MB bf16 expert GEMVs ran at ~19 GB/s on 1 thread and ~18 on 2,
 # while the 311 MB lm_head went from 20 to 30 GB/s (docs/models.md).
 MIN_GEMV_BYTES_PER_THREAD = 4 * 2**20
+# bf16 RMSNorms over at most this many elements (decode: one token's hidden state, its q/k heads) run in
+# one C++ call when the kernels are active: torch's CPU rms_norm is a composite, ~25 us for one 1024-wide
+# row and ~30 norms per decoded token; prefill-size norms stay with torch (vectorized, multi-threaded).
+RMS_NORM_KERNEL_MAX_ELEMENTS = 16384
 
 
 def kernel_mode(env: dict[str, str] | None = None) -> str:

@@ -239,7 +239,10 @@ def test_bf16_decode_with_the_kernel_tracks_the_aten_decode(ops, models_dir, mon
     aten = decode_logits()
     agree = (ours.argmax(-1) == aten.argmax(-1)).float().mean().item()
     assert agree >= 0.95, agree
-    assert (ours - aten).abs().max().item() <= 0.1 * aten.abs().max().item()
+    # Random tiny weights amplify a one-ulp difference (one of ~400 norms differs in 2 of 64 elements: the
+    # fp32 sum order) into visible logit changes at some positions, so the bound is on the typical position.
+    cosine = F.cosine_similarity(ours, aten, dim=-1)
+    assert cosine.median() >= 0.99 and cosine.min() >= 0.9, cosine
 
 
 def test_bad_kernel_mode_is_one_line_with_a_hint():
@@ -344,3 +347,30 @@ def test_quant_modules_route_one_bf16_row_to_the_int4_kernels(ops, monkeypatch):
     experts(_bf16(1, 128), weights, chosen)
     experts(_bf16(2, 128), weights.repeat(2, 1), chosen.repeat(2, 1))  # prefill: grouped ATen path
     assert calls == [(1, 128)]
+
+
+@pytest.mark.parametrize("avx512", PATHS)  # one code path; parametrized for symmetry with the others
+@pytest.mark.parametrize("shape,zero_centered", [((1, 1024), False), ((1, 1024), True), ((16, 64), False),
+                                                 ((3, 2, 100), True), ((1, 7), False)])
+def test_rms_norm_matches_the_torch_path(ops, avx512, shape, zero_centered, monkeypatch):
+    torch.manual_seed(sum(shape))
+    x, w = _bf16(*shape, scale=3.0), _bf16(shape[-1])
+    got = layers.rms_norm(x, w, 1e-6, zero_centered)
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a: None)
+    want = layers.rms_norm(x, w, 1e-6, zero_centered)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    # same rounding points; only the fp32 sum of squares may differ in order
+    assert (got == want).float().mean() >= 0.99
+    assert _rel_err(got, want.float()) <= 2 ** -7
+
+
+def test_rms_norm_kernel_only_for_decode_sizes(ops, monkeypatch):
+    from qwen_runner import settings
+
+    calls = []
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a: calls.append(a[0].shape) or None)
+    w = _bf16(64)
+    layers.rms_norm(_bf16(4, 64), w, 1e-6)
+    layers.rms_norm(_bf16(settings.RMS_NORM_KERNEL_MAX_ELEMENTS // 64 + 1, 64), w, 1e-6)  # prefill: torch
+    layers.rms_norm(torch.randn(4, 64), w.float(), 1e-6)  # fp32: torch
+    assert calls == [(4, 64)]

@@ -153,6 +153,18 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, experts: torch.Ten
         return None
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor | None:
+    """RMSNorm of a few bf16 rows in one call (gemv.cpp ``rms_norm``); None when the caller must use torch."""
+    op = ops() if _ops is _UNTRIED else _ops
+    if op is None:
+        return None
+    try:
+        return op.rms_norm(x, weight, eps, zero_centered)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        _disable(exc)
+        return None
+
+
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor | None:
     """``x [1, K] @ W.T`` for W in torch's CPU int4pack layout (bf16 scales); None when the caller must
     use ``aten._weight_int4pack_mm_for_cpu``."""

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_runner import kernels
+from qwen_runner import settings as S
 from qwen_runner.errors import ContextOverflowError
 from qwen_runner.models.matmul import (MIN_GEMV_BYTES_PER_THREAD, Linear, gemv_threads, linear,  # noqa: F401
                                        matmul_backend, thread_limit, widen_prefill, widened_mm)
@@ -45,6 +46,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
     multiply happens in fp32 before the cast.
     """
     dtype = x.dtype
+    if dtype is torch.bfloat16 and x.numel() <= S.RMS_NORM_KERNEL_MAX_ELEMENTS:
+        y = kernels.rms_norm(x, weight, eps, zero_centered)  # decode: one C++ call instead of ~8 ops
+        if y is not None:
+            return y
     # torch's rms_norm on fp32 equals transformers' x * rsqrt(mean(x^2) + eps) bit for bit
     # (checked on decode and prefill shapes) in one dispatched op instead of five.
     xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
