@@ -181,7 +181,7 @@ def test_decode_moe_threads_count_the_fused_kernel(monkeypatch, fused):
 
 def test_decode_moe_threads_count_the_fused_int4_kernel(monkeypatch):
     """The same for int4 experts (QuantExperts, the fused C++ int4 MoE op): sized from the k experts'
-    packed bytes and scales."""
+    weights at their bf16 size, as the kernel sizes its own threads."""
     from qwen_runner import kernels
 
     monkeypatch.setattr(kernels, "active", lambda: True)
@@ -190,7 +190,8 @@ def test_decode_moe_threads_count_the_fused_int4_kernel(monkeypatch):
         experts = layer.mlp.experts
         if experts.w13_int4_sz.shape[-2] % 64:
             continue  # rows not in whole 64-blocks: the fused op does not take them
-        one_call = sum(p.nbytes for p in experts.parameters()) * layer.mlp.top_k // experts.num_experts
+        packed = experts.w13_int4.nbytes + experts.w2_int4.nbytes
+        one_call = packed * 4 * layer.mlp.top_k // experts.num_experts  # at the weights' bf16 size
         assert experts.fused_decode_bytes(layer.mlp.top_k) == one_call and mlp >= one_call
 
 

@@ -440,7 +440,8 @@ at::Tensor linear_int4(at::Tensor x, at::Tensor packed, at::Tensor sz, bool avx5
     const float* sp = sums.data();
     const uint8_t* pp = packed.data_ptr<uint8_t>();
     const bf16* zp = data(sz);
-    const int nt = threads_for(w.N * w.K / 2, min_bytes_per_thread);
+    // threads sized as for the same weight in bf16: unpacking makes an int4 weight cost as much per element
+    const int nt = threads_for(w.N * w.K * 2, min_bytes_per_thread);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int64_t b0, b1;
@@ -490,7 +491,7 @@ at::Tensor moe_int4(at::Tensor x, at::Tensor w13, at::Tensor sz13, at::Tensor w2
     }
     auto y = at::empty({1, H}, x.options());
     bf16* yp = reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>());
-    const int nt = threads_for(k * 3 * I * H / 2, min_bytes_per_thread);
+    const int nt = threads_for(k * 3 * I * H * 2, min_bytes_per_thread);  // as for bf16 (see linear_int4)
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int tid = omp_get_thread_num(), team = omp_get_num_threads();

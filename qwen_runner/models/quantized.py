@@ -43,6 +43,7 @@ KERNEL = "aten._weight_int4pack_mm_for_cpu"
 KERNEL_GROUPS = (32, 64, 128, 256)
 KERNEL_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 KERNEL_ROW_BLOCK = 64  # the packed layout's row blocks; our C++ int4 kernels take whole blocks only
+BF16_BYTES_PER_INT4_BYTE = 4  # a packed byte holds 2 weights = 4 bytes in bf16 (thread sizing)
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 INNER_K_TILES = 1  # ignored by the CPU packing; the argument is part of the op's signature
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -394,12 +395,16 @@ class QuantExperts(_Int4Weights):
         return grouped_by_expert(x, weights, experts, self.num_experts, mlp)
 
     def fused_decode_bytes(self, top_k: int) -> int | None:
-        """As ``StackedExperts.fused_decode_bytes``: bytes the fused C++ int4 MoE call reads, or None."""
+        """As ``StackedExperts.fused_decode_bytes`` for the fused C++ int4 MoE call, or None. Counted at the
+        weights' bf16 size (4x the packed bytes), as the kernel sizes its threads: unpacking makes an
+        int4 weight cost about as much per element as a bf16 one (at 2 threads the 6 MB of packed experts
+        had stayed on one thread)."""
         if not (self._is_int4("w13") and self._is_int4("w2")) or not kernels.active():
             return None
         if self.w13_int4_sz.dtype is not torch.bfloat16 or self.w13_int4_sz.shape[-2] % KERNEL_ROW_BLOCK:
             return None
-        return sum(p.nbytes for p in self.parameters()) * top_k // self.num_experts
+        packed = self.w13_int4.nbytes + self.w2_int4.nbytes
+        return packed * BF16_BYTES_PER_INT4_BYTE * top_k // self.num_experts
 
     @property
     def w13_bytes_per_expert(self) -> int:
