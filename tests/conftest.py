@@ -36,6 +36,15 @@ def private_cache(tmp_path_factory):
         os.environ["QWEN_RUNNER_CACHE"] = previous
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for children that must see Ctrl-C: a job started in the background (nohup, ``&``,
+    some CI runners) inherits SIGINT ignored, and Python then keeps ignoring it; restore the default so
+    the child behaves as in a user's terminal."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(autouse=True)
 def normal_floats():
     """``runtime.open_model`` flushes denormals for the whole process (a CLI run's choice); tests that

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from qwen_runner.bench import SCHEMA, check_report
-from tests.conftest import REPO, model_path
+from tests.conftest import REPO, default_sigint, model_path
 
 QUICK = ["--repeat", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--threads", "1"]
 
@@ -111,17 +111,11 @@ def test_planner_refusal(cli):
     assert result.returncode == 3 and "refusing" in result.stderr and result.stdout == ""
 
 
-def _default_sigint() -> None:
-    """A shell that runs jobs in the background starts them with SIGINT ignored, and Python then keeps
-    it ignored: restore the default so the child sees Ctrl-C as a terminal user's process would."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_writes_no_partial_report(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.Popen([sys.executable, "-m", "qwen_runner", "-v", "bench", str(model_path("tiny-qwen3-moe")),
                              "--output", str(out), *QUICK], cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, preexec_fn=_default_sigint)
+                            text=True, preexec_fn=default_sigint)
     for line in proc.stderr:
         if "repeat 1/1" in line:  # a measurement is in flight
             break

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, model_path
+from tests.conftest import REPO, default_sigint, model_path
 
 STATS = re.compile(r"\[(\d+) tokens · ([\d.]+) tok/s · TTFT ([\d.]+) s")
 
@@ -53,7 +53,7 @@ def test_repl_session_on_the_demo_model():
     child = pexpect.spawn(
         sys.executable, ["-m", "qwen_runner", "chat", str(model_path("demo")), "--temperature", "0",
                          "--max-tokens", "200"],
-        cwd=str(REPO), env=env, encoding="utf-8", timeout=180, dimensions=(40, 200),
+        cwd=str(REPO), env=env, encoding="utf-8", timeout=180, dimensions=(40, 200), preexec_fn=default_sigint,
     )
     try:
         child.expect_exact(">>> ")
