@@ -128,68 +128,46 @@ def _disable(exc: BaseException) -> None:
     _state.update(active=False, kernel="aten", reason=f"disabled after an error: {_one_line(exc)}")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``x [1, K] @ weight.T (+ bias)`` in bf16 by the C++ GEMV; None when the caller must use ATen."""
+def _call(name: str, *args):
+    """The extension's op ``name`` on ``args``; None when the caller must use its ATen path (not loaded,
+    or this call failed: then the kernels are disabled for the process, with one warning)."""
     op = ops() if _ops is _UNTRIED else _ops
     if op is None:
         return None
     try:
-        return op.linear(x, weight, bias, _avx512, MIN_GEMV_BYTES_PER_THREAD)
+        return getattr(op, name)(*args)
     except (RuntimeError, TypeError, ValueError) as exc:
         _disable(exc)
         return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``x [1, K] @ weight.T (+ bias)`` in bf16 by the C++ GEMV; None when the caller must use ATen."""
+    return _call("linear", x, weight, bias, _avx512, MIN_GEMV_BYTES_PER_THREAD)
 
 
 def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, experts: torch.Tensor,
         weights: torch.Tensor) -> torch.Tensor | None:
     """One token through its k stacked experts (see gemv.cpp ``moe``); None when the caller must use ATen."""
-    op = ops() if _ops is _UNTRIED else _ops
-    if op is None:
-        return None
-    try:
-        return op.moe(x, w13, w2, experts, weights, _avx512, MIN_GEMV_BYTES_PER_THREAD)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        _disable(exc)
-        return None
+    return _call("moe", x, w13, w2, experts, weights, _avx512, MIN_GEMV_BYTES_PER_THREAD)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor | None:
     """RMSNorm of a few bf16 rows in one call (gemv.cpp ``rms_norm``); None when the caller must use torch."""
-    op = ops() if _ops is _UNTRIED else _ops
-    if op is None:
-        return None
-    try:
-        return op.rms_norm(x, weight, eps, zero_centered)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        _disable(exc)
-        return None
+    return _call("rms_norm", x, weight, eps, zero_centered)
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor | None:
     """``x [1, K] @ W.T`` for W in torch's CPU int4pack layout (bf16 scales); None when the caller must
     use ``aten._weight_int4pack_mm_for_cpu``."""
-    op = ops() if _ops is _UNTRIED else _ops
-    if op is None:
-        return None
-    try:
-        return op.linear_int4(x, packed, sz, _avx512, MIN_GEMV_BYTES_PER_THREAD)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        _disable(exc)
-        return None
+    return _call("linear_int4", x, packed, sz, _avx512, MIN_GEMV_BYTES_PER_THREAD)
 
 
 def moe_int4(x: torch.Tensor, w13: torch.Tensor, sz13: torch.Tensor, w2: torch.Tensor, sz2: torch.Tensor,
              experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
     """One token through its k int4pack experts in one call (gemv.cpp ``moe_int4``); None when the caller
     must use the per-expert ATen int4 path."""
-    op = ops() if _ops is _UNTRIED else _ops
-    if op is None:
-        return None
-    try:
-        return op.moe_int4(x, w13, sz13, w2, sz2, experts, weights, _avx512, MIN_GEMV_BYTES_PER_THREAD)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        _disable(exc)
-        return None
+    return _call("moe_int4", x, w13, sz13, w2, sz2, experts, weights, _avx512, MIN_GEMV_BYTES_PER_THREAD)
 
 
 def reset() -> None:

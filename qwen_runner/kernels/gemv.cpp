@@ -286,6 +286,26 @@ std::vector<float> to_floats(const at::Tensor& t) {
 
 const bf16* data(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
 
+// The chosen experts (int64, checked against E) and their routing weights, rounded to the compute dtype
+// (bf16) as the torch path's mul_ does: shared by the bf16 and int4 fused MoE ops.
+struct Routing {
+    at::Tensor index;
+    int64_t k;
+    std::vector<float> weights;
+};
+
+Routing routing(const at::Tensor& experts, const at::Tensor& weights, int64_t E) {
+    at::Tensor ex = experts.scalar_type() == at::kLong && experts.is_contiguous() ? experts
+                                                                                  : experts.to(at::kLong).contiguous();
+    const int64_t k = ex.numel();
+    TORCH_CHECK(weights.numel() == k, "weights has ", weights.numel(), " elements, experts has ", k);
+    const int64_t* ep = ex.data_ptr<int64_t>();
+    for (int64_t j = 0; j < k; ++j) TORCH_CHECK(ep[j] >= 0 && ep[j] < E, "expert index ", ep[j], " out of range");
+    std::vector<float> wj = to_floats(weights);
+    for (float& w : wj) w = bf16_to_float(float_to_bf16(w));
+    return {ex, k, std::move(wj)};
+}
+
 }  // namespace
 
 // y [1, N] = x [1, K] @ weight[N, K]^T (+ bias [N]), bf16 in and out, fp32 accumulation.
@@ -335,15 +355,10 @@ at::Tensor moe(at::Tensor x, at::Tensor w13, at::Tensor w2, at::Tensor experts,
     TORCH_CHECK(x.numel() == H, "x has ", x.numel(), " elements, experts expect ", H);
     x = x.contiguous();
     check_bf16(x, "x");
-    auto ex = experts.scalar_type() == at::kLong && experts.is_contiguous() ? experts
-                                                                             : experts.to(at::kLong).contiguous();
-    const int64_t k = ex.numel();
-    TORCH_CHECK(weights.numel() == k, "weights has ", weights.numel(), " elements, experts has ", k);
-    const int64_t* ep = ex.data_ptr<int64_t>();
-    for (int64_t j = 0; j < k; ++j) TORCH_CHECK(ep[j] >= 0 && ep[j] < E, "expert index ", ep[j], " out of range");
-    // Routing weights are applied in the compute dtype (bf16), like the torch path's mul_.
-    std::vector<float> wj = to_floats(weights);
-    for (float& w : wj) w = bf16_to_float(float_to_bf16(w));
+    const Routing route = routing(experts, weights, E);
+    const int64_t k = route.k;
+    const int64_t* ep = route.index.data_ptr<int64_t>();
+    const std::vector<float>& wj = route.weights;
 
     const bf16* xp = data(x);
     std::vector<const bf16*> w13p(k), w2p(k), xs(k), hp(k);
@@ -463,14 +478,10 @@ at::Tensor moe_int4(at::Tensor x, at::Tensor w13, at::Tensor sz13, at::Tensor w2
     TORCH_CHECK(x.numel() == H, "x has ", x.numel(), " elements, experts expect ", H);
     x = x.contiguous();
     check_bf16(x, "x");
-    auto ex = experts.scalar_type() == at::kLong && experts.is_contiguous() ? experts
-                                                                             : experts.to(at::kLong).contiguous();
-    const int64_t k = ex.numel();
-    TORCH_CHECK(weights.numel() == k, "weights has ", weights.numel(), " elements, experts has ", k);
-    const int64_t* ep = ex.data_ptr<int64_t>();
-    for (int64_t j = 0; j < k; ++j) TORCH_CHECK(ep[j] >= 0 && ep[j] < E, "expert index ", ep[j], " out of range");
-    std::vector<float> wj = to_floats(weights);
-    for (float& w : wj) w = bf16_to_float(float_to_bf16(w));
+    const Routing route = routing(experts, weights, E);
+    const int64_t k = route.k;
+    const int64_t* ep = route.index.data_ptr<int64_t>();
+    const std::vector<float>& wj = route.weights;
 
     std::vector<float> xf(H), xsum(H / up.group);
     widen_with_sums(data(x), H, up.group, xf.data(), xsum.data());
