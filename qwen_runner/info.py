@@ -52,6 +52,8 @@ def cache_precisions() -> list[dict]:
 def collect_info() -> dict:
     import torch
 
+    from qwen_runner.models.matmul import prefill_gemm_status
+
     cpu = hardware.detect_cpu()
     memory = hardware.detect_memory()
     threads = active_config()
@@ -97,12 +99,6 @@ def collect_info() -> dict:
         "cache_dir": str(load_settings().cache_dir),
         "cache_precision": cache_precisions(),
     }
-
-
-def prefill_gemm_status(dtype: str) -> dict:
-    from qwen_runner.models.matmul import prefill_gemm_status as status
-
-    return status(dtype)
 
 
 def _gib(value: int | None) -> str:

@@ -286,6 +286,18 @@ std::vector<float> to_floats(const at::Tensor& t) {
 
 const bf16* data(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
 
+// Element i of the k experts' [k, I] SwiGLU output times its expert's routing weight, from the fp32
+// gate/up GEMV results [k, 2I], each step rounded to bf16 as the torch path does; returned as a float
+// holding a bf16 value. Shared by the bf16 and int4 fused MoE ops.
+inline float routed_swiglu(const float* gate_up, int64_t I, const float* weights, int64_t i) {
+    const int64_t j = i / I, c = i % I;
+    const float g = bf16_to_float(float_to_bf16(gate_up[j * 2 * I + c]));
+    const float u = bf16_to_float(float_to_bf16(gate_up[j * 2 * I + I + c]));
+    const float silu = bf16_to_float(float_to_bf16(g / (1.f + std::exp(-g))));
+    const float hu = bf16_to_float(float_to_bf16(silu * u));
+    return bf16_to_float(float_to_bf16(hu * weights[j]));
+}
+
 // The chosen experts (int64, checked against E) and their routing weights, rounded to the compute dtype
 // (bf16) as the torch path's mul_ does: shared by the bf16 and int4 fused MoE ops.
 struct Routing {
@@ -387,14 +399,7 @@ at::Tensor moe(at::Tensor x, at::Tensor w13, at::Tensor w2, at::Tensor experts,
 #pragma omp barrier
         // 2. SwiGLU and routing weight, rounded step by step to bf16 as the torch path does.
         const int64_t n = k * I, s0 = n * tid / team, s1 = n * (tid + 1) / team;
-        for (int64_t i = s0; i < s1; ++i) {
-            const int64_t j = i / I, c = i % I;
-            const float g = bf16_to_float(float_to_bf16(gate_up[j * I2 + c]));
-            const float u = bf16_to_float(float_to_bf16(gate_up[j * I2 + I + c]));
-            const float silu = bf16_to_float(float_to_bf16(g / (1.f + std::exp(-g))));
-            const float hu = bf16_to_float(float_to_bf16(silu * u));
-            h[i] = float_to_bf16(hu * wj[j]);
-        }
+        for (int64_t i = s0; i < s1; ++i) h[i] = float_to_bf16(routed_swiglu(gate_up.data(), I, wj.data(), i));
 #pragma omp barrier
         // 3. down GEMVs: each thread owns output rows and sums over the k experts itself.
         split_rows(H, tid, team, &r0, &r1);
@@ -519,14 +524,7 @@ at::Tensor moe_int4(at::Tensor x, at::Tensor w13, at::Tensor sz13, at::Tensor w2
 #pragma omp barrier
         // 2. SwiGLU and routing weight, rounded step by step to bf16 as the torch path does.
         const int64_t n = k * I, s0 = n * tid / team, s1 = n * (tid + 1) / team;
-        for (int64_t i = s0; i < s1; ++i) {
-            const int64_t j = i / I, c = i % I;
-            const float g = bf16_to_float(float_to_bf16(gate_up[j * I2 + c]));
-            const float u = bf16_to_float(float_to_bf16(gate_up[j * I2 + I + c]));
-            const float silu = bf16_to_float(float_to_bf16(g / (1.f + std::exp(-g))));
-            const float hu = bf16_to_float(float_to_bf16(silu * u));
-            h[i] = bf16_to_float(float_to_bf16(hu * wj[j]));
-        }
+        for (int64_t i = s0; i < s1; ++i) h[i] = routed_swiglu(gate_up.data(), I, wj.data(), i);
 #pragma omp barrier
         // per-group sums of each expert's h (the down projection's x)
         const int64_t ng = k * G2, g0 = ng * tid / team, g1 = ng * (tid + 1) / team;
