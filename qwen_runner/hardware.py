@@ -18,6 +18,7 @@ ISA_FLAGS = (
     "avx512_bf16",
     "avx512_fp16",
     "avx512_vnni",
+    "avx512vbmi",
     "amx_tile",
     "amx_bf16",
     "amx_int8",

@@ -24,6 +24,9 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g+
 
 AVX512 = hardware.detect_cpu().has("avx512_bf16")
 PATHS = [False, True] if AVX512 else [False]
+# the fast int4 path needs AVX512-VBMI and VNNI (vpermt2b, vpdpbusd); the int4 ops' flag is "fast"
+INT4_PATHS = [False, True] if AVX512 and all(hardware.detect_cpu().has(f) for f in ("avx512vbmi", "avx512_vnni")) \
+    else [False]
 ODD_LINEAR_SHAPES = [(1, 1), (5, 33), (7, 17), (37, 1000), (130, 96), (257, 1024), (1024, 1024)]
 
 
@@ -276,36 +279,51 @@ def test_int4pack_layout_is_what_the_kernels_read():
     assert torch.equal(rebuilt, q)
 
 
-@pytest.mark.parametrize("avx512", PATHS)
+@pytest.mark.parametrize("fast", INT4_PATHS)
 @pytest.mark.parametrize("n,k,group", [(64, 32, 32), (128, 256, 128), (192, 512, 64), (64, 1024, 256)])
-def test_int4_linear_matches_the_aten_int4_kernel(ops, avx512, n, k, group):
+def test_int4_linear_matches_the_aten_int4_kernel(ops, fast, n, k, group):
     from qwen_runner.models.quantized import int4_mm
 
     packed, sz = _qweight(n, k, group, seed=n + k).pack(torch.bfloat16)
     x = _bf16(1, k)
-    got = ops.linear_int4(x, packed, sz, avx512, 1 << 20)
+    got = ops.linear_int4(x, packed, sz, fast, 1 << 20)
     want = int4_mm(x, packed, sz)
     assert got.shape == (1, n) and got.dtype == torch.bfloat16
     # both accumulate in fp32 and round once: at most a bf16 ulp apart
     assert _rel_err(got, want.float()) <= 2 ** -7
 
 
-@pytest.mark.parametrize("avx512", PATHS)
-def test_int4_linear_threads_and_shape_checks(ops, avx512):
+@pytest.mark.parametrize("fast", INT4_PATHS)
+def test_int4_linear_keeps_small_inputs_next_to_an_outlier(ops, fast):
+    """The fast path carries x as 15-bit integers scaled per group: a 1000x outlier coarsens its group's
+    step to max/16256, still far below bf16's own rounding of the output."""
+    from qwen_runner.models.quantized import int4_mm
+
+    packed, sz = _qweight(128, 256, 128, seed=9).pack(torch.bfloat16)
+    x = _bf16(1, 256)
+    x[0, 3] = 1000.0
+    want = x.float() @ _qweight(128, 256, 128, seed=9).dequantize(torch.float32).T
+    got = ops.linear_int4(x, packed, sz, fast, 1 << 20)
+    assert _rel_err(got, want) <= 2 ** -8
+    assert _rel_err(got, int4_mm(x, packed, sz).float()) <= 2 ** -7
+
+
+@pytest.mark.parametrize("fast", INT4_PATHS)
+def test_int4_linear_threads_and_shape_checks(ops, fast):
     packed, sz = _qweight(256, 128, 32, seed=3).pack(torch.bfloat16)
     x = _bf16(1, 128)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ops.linear_int4(x, packed, sz, avx512, 1)
+        one = ops.linear_int4(x, packed, sz, fast, 1)
         torch.set_num_threads(2)
-        two = ops.linear_int4(x, packed, sz, avx512, 1)
+        two = ops.linear_int4(x, packed, sz, fast, 1)
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(one, two)
     odd, odd_sz = _qweight(80, 128, 32, seed=4).pack(torch.bfloat16)  # not whole 64-row blocks
     with pytest.raises(RuntimeError, match="multiple of 64"):
-        ops.linear_int4(x, odd, odd_sz, avx512, 1)
+        ops.linear_int4(x, odd, odd_sz, fast, 1)
 
 
 def _int4_experts(num: int, hidden: int, inter: int, group: int):
@@ -320,16 +338,17 @@ def _int4_experts(num: int, hidden: int, inter: int, group: int):
     return experts
 
 
-@pytest.mark.parametrize("avx512", PATHS)
+@pytest.mark.parametrize("fast", INT4_PATHS)
 @pytest.mark.parametrize("num,top_k,hidden,inter,group", [(4, 2, 128, 64, 32), (8, 8, 256, 128, 128),
-                                                          (6, 3, 1024, 512, 128)])
-def test_int4_moe_matches_the_per_expert_aten_path(ops, avx512, num, top_k, hidden, inter, group, monkeypatch):
+                                                          (6, 3, 1024, 512, 128), (4, 3, 128, 32, 32),
+                                                          (5, 4, 256, 256, 32)])
+def test_int4_moe_matches_the_per_expert_aten_path(ops, fast, num, top_k, hidden, inter, group, monkeypatch):
     experts = _int4_experts(num, hidden, inter, group)
     x = _bf16(1, hidden)
     weights = torch.softmax(torch.randn(1, top_k), -1).bfloat16()
     chosen = torch.randperm(num)[:top_k].view(1, top_k)
     got = ops.moe_int4(x, experts.w13_int4, experts.w13_int4_sz, experts.w2_int4, experts.w2_int4_sz,
-                       chosen[0], weights[0], avx512, 1 << 20)
+                       chosen[0], weights[0], fast, 1 << 20)
     monkeypatch.setattr(kernels, "moe_int4", lambda *a: None)
     aten = experts(x, weights, chosen)  # QuantExperts' per-expert int4_mm loop
     assert got.shape == (1, hidden) and got.dtype == torch.bfloat16
@@ -347,6 +366,23 @@ def test_quant_modules_route_one_bf16_row_to_the_int4_kernels(ops, monkeypatch):
     experts(_bf16(1, 128), weights, chosen)
     experts(_bf16(2, 128), weights.repeat(2, 1), chosen.repeat(2, 1))  # prefill: grouped ATen path
     assert calls == [(1, 128)]
+
+
+@pytest.mark.skipif(not AVX512, reason="needs the AVX512-BF16 kernels to be loaded in auto mode")
+def test_int4_ops_leave_avx512_bf16_cpus_without_vbmi_to_aten(monkeypatch):
+    """Cooper Lake has AVX512-BF16 but no VBMI: the int4 ops step aside there (ATen's int4pack kernel
+    beats the portable loops), while the bf16 ops stay on."""
+    no_vbmi = hardware.detect_cpu("model name\t: Cooper Lake\nflags\t\t: avx2 avx512f avx512bw avx512_bf16\n")
+    monkeypatch.setattr(hardware, "detect_cpu", lambda *a: no_vbmi)
+    monkeypatch.setenv("QWEN_RUNNER_KERNELS", "auto")
+    kernels.reset()
+    try:
+        assert kernels.active()
+        packed, sz = _qweight(64, 128, 32, seed=5).pack(torch.bfloat16)
+        assert kernels.linear_int4(_bf16(1, 128), packed, sz) is None
+        assert kernels.linear(_bf16(1, 128), _bf16(64, 128), None) is not None
+    finally:
+        kernels.reset()
 
 
 @pytest.mark.parametrize("avx512", PATHS)  # one code path; parametrized for symmetry with the others

@@ -33,6 +33,7 @@ _LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch already loaded (same so
 _UNTRIED = object()
 _ops = _UNTRIED  # the loaded extension, or None when it is not in use
 _avx512 = False
+_int4_fast = False  # the AVX512-VBMI + VNNI int4 path (vpermt2b gathers, vpdpbusd multiplies); see gemv.cpp
 _state: dict = {"active": False, "kernel": "aten", "reason": "not loaded yet (loads with the first bf16 model)"}
 
 
@@ -65,7 +66,7 @@ def _decide() -> tuple[bool, str | None]:
 
 
 def _load():
-    global _avx512
+    global _avx512, _int4_fast
     avx512, skip = _decide()
     if skip:
         _state.update(active=False, kernel="aten", reason=skip)
@@ -84,6 +85,8 @@ def _load():
         return None
     seconds = time.perf_counter() - start
     _avx512 = avx512
+    cpu = hardware.detect_cpu()
+    _int4_fast = avx512 and cpu.has("avx512vbmi") and cpu.has("avx512_vnni")
     kernel = "C++ AVX512-BF16 GEMV" if avx512 else "C++ portable GEMV"
     _state.update(active=True, kernel=kernel, reason=f"loaded in {seconds:.1f} s from {directory}",
                   load_seconds=round(seconds, 2))
@@ -157,22 +160,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
     return _call("rms_norm", x, weight, eps, zero_centered)
 
 
+def _int4_in_use() -> bool:
+    """The int4 ops run where they beat ATen's int4pack kernel: with AVX512-VBMI and VNNI, or the portable
+    loops when asked for (tests). An AVX512-BF16 CPU without VBMI (Cooper Lake) keeps ATen's."""
+    return _int4_fast or not _avx512
+
+
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor | None:
     """``x [1, K] @ W.T`` for W in torch's CPU int4pack layout (bf16 scales); None when the caller must
     use ``aten._weight_int4pack_mm_for_cpu``."""
-    return _call("linear_int4", x, packed, sz, _avx512, MIN_GEMV_BYTES_PER_THREAD)
+    if not _int4_in_use():
+        return None
+    return _call("linear_int4", x, packed, sz, _int4_fast, MIN_GEMV_BYTES_PER_THREAD)
 
 
 def moe_int4(x: torch.Tensor, w13: torch.Tensor, sz13: torch.Tensor, w2: torch.Tensor, sz2: torch.Tensor,
              experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
     """One token through its k int4pack experts in one call (gemv.cpp ``moe_int4``); None when the caller
     must use the per-expert ATen int4 path."""
-    return _call("moe_int4", x, w13, sz13, w2, sz2, experts, weights, _avx512, MIN_GEMV_BYTES_PER_THREAD)
+    if not _int4_in_use():
+        return None
+    return _call("moe_int4", x, w13, sz13, w2, sz2, experts, weights, _int4_fast, MIN_GEMV_BYTES_PER_THREAD)
 
 
 def reset() -> None:
     """Forget the load decision (tests switch ``$QWEN_RUNNER_KERNELS`` between runs)."""
-    global _ops
+    global _ops, _avx512, _int4_fast
     _ops = _UNTRIED
+    _avx512 = _int4_fast = False
     _state.clear()
     _state.update(active=False, kernel="aten", reason="not loaded yet (loads with the first bf16 model)")
