@@ -410,3 +410,39 @@ def test_rms_norm_kernel_only_for_decode_sizes(ops, monkeypatch):
     layers.rms_norm(_bf16(settings.RMS_NORM_KERNEL_MAX_ELEMENTS // 64 + 1, 64), w, 1e-6)  # prefill: torch
     layers.rms_norm(torch.randn(4, 64), w.float(), 1e-6)  # fp32: torch
     assert calls == [(4, 64)]
+
+
+@pytest.mark.parametrize("avx512", PATHS)
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_attention_decode_matches_the_torch_path(ops, avx512, qk_norm, monkeypatch):
+    """One C++ call per decode step (q/k norm, rotary, cache write, attention) against the torch ops it
+    replaces: the cache bit for bit, the attention output within a bf16 ulp (fp32 sum order only)."""
+    from qwen_runner.models.layers import Attention, KVCache, RotaryEmbedding
+
+    torch.manual_seed(7)
+    attention = Attention(256, 8, 2, 32, qk_norm=qk_norm)
+    for p in attention.parameters():
+        p.data = torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 else 0.0)
+    attention = attention.bfloat16()
+    attention.o_proj = torch.nn.Identity()  # compare the attention output itself
+    monkeypatch.setattr(kernels, "_avx512", avx512)
+    rope = RotaryEmbedding(32, 1e6)
+    fused, plain = KVCache(2, 2, 32, 64, torch.bfloat16), KVCache(2, 2, 32, 64, torch.bfloat16)
+    xs = _bf16(40, 256)
+    for cache in (fused, plain):
+        attention(xs[:7], cache, 1, rope.slice_signed(0, 7, torch.bfloat16))
+        cache.advance(7)
+    real = kernels.attention_decode
+    for t in range(7, 40):  # past 16 and 32 positions: whole and partial vectors of scores
+        step = rope.slice_signed(fused.length, 1, torch.bfloat16)
+        calls = []
+        monkeypatch.setattr(kernels, "attention_decode", lambda *a: calls.append(1) or real(*a))
+        got = attention(xs[t:t + 1], fused, 1, step)
+        monkeypatch.setattr(kernels, "attention_decode", lambda *a: None)
+        want = attention(xs[t:t + 1], plain, 1, step)
+        fused.advance(1)
+        plain.advance(1)
+        assert calls == [1]
+        assert torch.equal(fused.k, plain.k) and torch.equal(fused.v, plain.v)
+        assert _rel_err(got, want.float()) <= 2 ** -7
+        assert (got == want).float().mean() >= 0.9

@@ -155,6 +155,15 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, experts: torch.Ten
     return _call("moe", x, w13, w2, experts, weights, _avx512, MIN_GEMV_BYTES_PER_THREAD)
 
 
+def attention_decode(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                     cos: torch.Tensor, signed_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                     slot: int, pos: int, heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
+    """One decode step of GQA attention from the fused qkv row (gemv.cpp ``attention_decode``): q/k norm,
+    rotary, cache write, attention; None when the caller must run the torch ops."""
+    return _call("attention_decode", qkv, q_norm, k_norm, eps, cos, signed_sin, cache_k, cache_v, slot, pos, heads,
+                 kv_heads, scale, _avx512, MIN_GEMV_BYTES_PER_THREAD)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor | None:
     """RMSNorm of a few bf16 rows in one call (gemv.cpp ``rms_norm``); None when the caller must use torch."""
     return _call("rms_norm", x, weight, eps, zero_centered)

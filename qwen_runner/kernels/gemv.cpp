@@ -49,6 +49,8 @@ inline bf16 float_to_bf16(float f) {
     return c10::BFloat16(f).x;  // round to nearest even, NaN kept
 }
 
+inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
 // ----------------------------------------------------------------------------------------- portable
 
 // out[r] (+)= sum over parts p of dot(W_p[r, :K], x_p[:K]) for r in [r0, r1).
@@ -624,6 +626,157 @@ at::Tensor moe_int4(at::Tensor x, at::Tensor w13, at::Tensor sz13, at::Tensor w2
     return y;
 }
 
+namespace {
+
+// One head's row in place: RMSNorm (optional, rounded as `rms_norm`) then full-width rotary, rounded as
+// layers.apply_rotary_signed: bf16(bf16(x * cos) + bf16(roll(x, d/2) * signed_sin)).
+void norm_and_rotate(float* x, int64_t d, const float* norm_w, double eps, const float* cos, const float* ssin) {
+    if (norm_w) {
+        float sq = 0.f;
+        for (int64_t i = 0; i < d; ++i) sq += x[i] * x[i];
+        const float inv = 1.f / std::sqrt(sq / static_cast<float>(d) + static_cast<float>(eps));
+        for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(norm_w[i] * round_bf16(x[i] * inv));
+    }
+    std::vector<float> rolled(x + d / 2, x + d);
+    rolled.insert(rolled.end(), x, x + d / 2);
+    for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(round_bf16(x[i] * cos[i]) + round_bf16(rolled[i] * ssin[i]));
+}
+
+
+// softmax(q . k_t * scale) . v_t over t < length for one head, as SDPA's CPU flash kernel rounds it: fp32
+// scores and sums, the exp'ed scores rounded to bf16 for P @ V, one division and one rounding at the end.
+void attend_head_portable(const float* q, const bf16* keys, const bf16* values, int64_t length, int64_t d,
+                          float scale, bf16* out) {
+    std::vector<float> p(length), o(d, 0.f);
+    float peak = -INFINITY;
+    for (int64_t t = 0; t < length; ++t) {
+        float dot = 0.f;
+        for (int64_t i = 0; i < d; ++i) dot += q[i] * bf16_to_float(keys[t * d + i]);
+        p[t] = dot * scale;
+        peak = std::max(peak, p[t]);
+    }
+    float total = 0.f;
+    for (int64_t t = 0; t < length; ++t) {
+        const float e = std::exp(p[t] - peak);
+        total += e;
+        p[t] = round_bf16(e);
+    }
+    for (int64_t t = 0; t < length; ++t)
+        for (int64_t i = 0; i < d; ++i) o[i] += p[t] * bf16_to_float(values[t * d + i]);
+    for (int64_t i = 0; i < d; ++i) out[i] = float_to_bf16(o[i] / total);
+}
+
+#ifdef QR_X86
+// exp for x <= 0 (scores minus their max): 2^n * e^r, |r| <= ln2/2, degree-6 Taylor (error < 1e-7 rel).
+QR_TARGET inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));  // below: 0 after bf16 rounding anyway
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 e = _mm512_set1_ps(1.f / 720);
+    for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(e, n);
+}
+
+QR_TARGET inline __m512 load_bf16x16(const bf16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// `attend_head_portable` with 16-wide vectors; d a multiple of 16, at most kMaxHeadDim.
+constexpr int64_t kMaxHeadDim = 512;
+QR_TARGET void attend_head_avx512(const float* q, const bf16* keys, const bf16* values, int64_t length, int64_t d,
+                                  float scale, bf16* out) {
+    std::vector<float> p((length + 15) / 16 * 16);
+    float peak = -INFINITY;
+    for (int64_t t = 0; t < length; ++t) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load_bf16x16(keys + t * d + i), acc);
+        p[t] = _mm512_reduce_add_ps(acc) * scale;
+        peak = std::max(peak, p[t]);
+    }
+    __m512 sums = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; t += 16) {
+        const __mmask16 live = length - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (length - t)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(&p[t]), _mm512_set1_ps(peak))));
+        sums = _mm512_add_ps(sums, e);
+        const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(e);
+        _mm512_storeu_ps(&p[t], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
+    }
+    const float total = _mm512_reduce_add_ps(sums);
+    __m512 o[kMaxHeadDim / 16];
+    for (int64_t c = 0; c < d / 16; ++c) o[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; ++t) {
+        const __m512 pt = _mm512_set1_ps(p[t]);
+        for (int64_t c = 0; c < d / 16; ++c) o[c] = _mm512_fmadd_ps(pt, load_bf16x16(values + t * d + c * 16), o[c]);
+    }
+    for (int64_t c = 0; c < d / 16; ++c) {  // o / total, rounded to nearest even as float_to_bf16
+        const __m512 v = _mm512_div_ps(o[c], _mm512_set1_ps(total));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * 16), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+#endif
+
+void attend_head(bool avx512, const float* q, const bf16* keys, const bf16* values, int64_t length, int64_t d,
+                 float scale, bf16* out) {
+#ifdef QR_X86
+    if (avx512 && d <= kMaxHeadDim) return attend_head_avx512(q, keys, values, length, d, scale, out);
+#endif
+    attend_head_portable(q, keys, values, length, d, scale, out);
+}
+
+}  // namespace
+
+// One decode step of Qwen2/Qwen3 GQA attention after the fused qkv projection, in one call:
+// q/k RMSNorm (optional), full-width rotary at this position, k and v written into the cache at `pos`,
+// and softmax(q k^T * scale) v over positions 0..pos, fp32 throughout, the output rounded once to bf16
+// (as SDPA's CPU flash kernel). Replaces ~30 dispatched ops per layer (views, norms, roll, copies, SDPA).
+// qkv [1, (heads + 2 kv_heads) d]; cos, signed_sin [d]; cache_k/v [layers, kv_heads, max_context, d].
+at::Tensor attention_decode(at::Tensor qkv, std::optional<at::Tensor> q_norm, std::optional<at::Tensor> k_norm,
+                            double eps, at::Tensor cos, at::Tensor signed_sin, at::Tensor cache_k, at::Tensor cache_v,
+                            int64_t slot, int64_t pos, int64_t heads, int64_t kv_heads, double scale, bool avx512,
+                            int64_t min_bytes_per_thread) {
+    check_bf16(qkv, "qkv");
+    check_bf16(cache_k, "cache_k");
+    check_bf16(cache_v, "cache_v");
+    TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes(), "caches must be [layers, kv_heads, S, d]");
+    const int64_t d = cache_k.size(3), max_context = cache_k.size(2);
+    TORCH_CHECK(cache_k.size(1) == kv_heads && heads % kv_heads == 0 && d % 2 == 0, "head layout mismatch");
+    TORCH_CHECK(qkv.numel() == (heads + 2 * kv_heads) * d, "qkv has ", qkv.numel(), " elements");
+    TORCH_CHECK(slot >= 0 && slot < cache_k.size(0) && pos >= 0 && pos < max_context, "slot/pos out of range");
+    TORCH_CHECK(cos.numel() == d && signed_sin.numel() == d, "rotary rows must have head_dim values");
+    const std::vector<float> c = to_floats(cos), s = to_floats(signed_sin);
+    const std::vector<float> qn = q_norm ? to_floats(*q_norm) : std::vector<float>(),
+                             kn = k_norm ? to_floats(*k_norm) : std::vector<float>();
+    TORCH_CHECK(qn.empty() || static_cast<int64_t>(qn.size()) == d, "q_norm weight must have head_dim values");
+    TORCH_CHECK(kn.empty() || static_cast<int64_t>(kn.size()) == d, "k_norm weight must have head_dim values");
+
+    const bf16* in = data(qkv);
+    std::vector<float> q((heads + 2 * kv_heads) * d);
+    for (size_t i = 0; i < q.size(); ++i) q[i] = bf16_to_float(in[i]);
+    for (int64_t h = 0; h < heads; ++h)
+        norm_and_rotate(q.data() + h * d, d, qn.empty() ? nullptr : qn.data(), eps, c.data(), s.data());
+    bf16* kc = reinterpret_cast<bf16*>(cache_k.data_ptr<at::BFloat16>()) + slot * kv_heads * max_context * d;
+    bf16* vc = reinterpret_cast<bf16*>(cache_v.data_ptr<at::BFloat16>()) + slot * kv_heads * max_context * d;
+    for (int64_t g = 0; g < kv_heads; ++g) {
+        float* k = q.data() + (heads + g) * d;
+        norm_and_rotate(k, d, kn.empty() ? nullptr : kn.data(), eps, c.data(), s.data());
+        const bf16* v = in + (heads + kv_heads + g) * d;
+        for (int64_t i = 0; i < d; ++i) {
+            kc[(g * max_context + pos) * d + i] = float_to_bf16(k[i]);
+            vc[(g * max_context + pos) * d + i] = v[i];
+        }
+    }
+    const int64_t length = pos + 1, group = heads / kv_heads;
+    auto out = at::empty({1, heads * d}, qkv.options());
+    bf16* op = reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>());
+    const int nt = std::min<int64_t>(heads, threads_for(2 * kv_heads * length * d * 2, min_bytes_per_thread));
+#pragma omp parallel for num_threads(nt) if (nt > 1)
+    for (int64_t h = 0; h < heads; ++h)
+        attend_head(avx512 && d % 16 == 0, q.data() + h * d, kc + (h / group) * max_context * d,
+                    vc + (h / group) * max_context * d, length, d, static_cast<float>(scale), op + h * d);
+    return out;
+}
+
 // RMSNorm of each row of a bf16 x [..., D], rounded as transformers' Qwen norms are: normalize in fp32
 // (x * 1/sqrt(mean(x^2) + eps)); then either bf16(weight * bf16(y)) or, zero-centered (Qwen3-Next),
 // bf16(y * (1 + weight)). For decode's few rows: torch's CPU rms_norm is a composite of ~8 ops, ~25 us
@@ -664,6 +817,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("bias"), py::arg("avx512"), py::arg("min_bytes_per_thread"));
     m.def("moe", &moe, "one token through k stacked SwiGLU experts", py::arg("x"), py::arg("w13"),
           py::arg("w2"), py::arg("experts"), py::arg("weights"), py::arg("avx512"),
+          py::arg("min_bytes_per_thread"));
+    m.def("attention_decode", &attention_decode, "one decode step of GQA attention: q/k norm, rotary, cache write, "
+          "softmax(q k^T) v", py::arg("qkv"), py::arg("q_norm"), py::arg("k_norm"), py::arg("eps"), py::arg("cos"),
+          py::arg("signed_sin"), py::arg("cache_k"), py::arg("cache_v"), py::arg("slot"), py::arg("pos"),
+          py::arg("heads"), py::arg("kv_heads"), py::arg("scale"), py::arg("avx512"),
           py::arg("min_bytes_per_thread"));
     m.def("rms_norm", &rms_norm, "RMSNorm of each bf16 row, rounded as transformers' Qwen norms", py::arg("x"),
           py::arg("weight"), py::arg("eps"), py::arg("zero_centered"));
