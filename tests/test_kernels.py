@@ -446,3 +446,20 @@ def test_attention_decode_matches_the_torch_path(ops, avx512, qk_norm, monkeypat
         assert torch.equal(fused.k, plain.k) and torch.equal(fused.v, plain.v)
         assert _rel_err(got, want.float()) <= 2 ** -7
         assert (got == want).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_topk_matches_the_torch_router(ops, normalize, monkeypatch):
+    """The one-call decode router picks the same experts and, up to fp32 rounding, the same bf16 weights
+    as softmax + topk (+ renormalization) in torch."""
+    torch.manual_seed(11)
+    router = _bf16(64, 128, scale=0.3)
+    for _ in range(100):
+        x = _bf16(1, 128)
+        got_w, got_e = layers.route(x, router, 8, normalize)
+        monkeypatch.setattr(kernels, "route_topk", lambda *a: None)
+        want_w, want_e = layers.route(x, router, 8, normalize)
+        monkeypatch.undo()
+        assert got_w.dtype == want_w.dtype == torch.bfloat16 and got_e.dtype == want_e.dtype == torch.int64
+        assert torch.equal(got_e, want_e)
+        assert _rel_err(got_w, want_w.float()) <= 2 ** -8

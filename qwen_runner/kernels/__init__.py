@@ -164,6 +164,12 @@ def attention_decode(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: tor
                  kv_heads, scale, _avx512, MIN_GEMV_BYTES_PER_THREAD)
 
 
+def route_topk(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One token's top-k softmax routing from its bf16 router logits (gemv.cpp ``route_topk``):
+    (weights [1, k] bf16, experts [1, k] int64); None when the caller must run the torch ops."""
+    return _call("route_topk", logits, top_k, normalize)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor | None:
     """RMSNorm of a few bf16 rows in one call (gemv.cpp ``rms_norm``); None when the caller must use torch."""
     return _call("rms_norm", x, weight, eps, zero_centered)

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/topk.h>
 #include <c10/util/BFloat16.h>
 #include <torch/csrc/utils/pybind.h>
 #include <omp.h>
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -777,6 +779,30 @@ at::Tensor attention_decode(at::Tensor qkv, std::optional<at::Tensor> q_norm, st
     return out;
 }
 
+// The top-k softmax router of one token (transformers' Qwen MoE routers): softmax of the bf16 logits in
+// fp32, the k largest by at::topk (bf16 logits tie often; torch's topk decides ties as the torch path
+// does), optionally renormalized to sum 1, weights rounded to bf16. Replaces softmax, sum, div and two
+// casts per layer.
+std::tuple<at::Tensor, at::Tensor> route_topk(at::Tensor logits, int64_t k, bool normalize) {
+    const std::vector<float> l = to_floats(logits);
+    const int64_t E = static_cast<int64_t>(l.size());
+    TORCH_CHECK(k > 0 && k <= E, "top_k ", k, " out of range for ", E, " experts");
+    const float peak = *std::max_element(l.begin(), l.end());
+    auto probs = at::empty({1, E}, logits.options().dtype(at::kFloat));
+    float* p = probs.data_ptr<float>();
+    float total = 0.f;
+    for (int64_t e = 0; e < E; ++e) total += (p[e] = std::exp(l[e] - peak));
+    for (int64_t e = 0; e < E; ++e) p[e] /= total;
+    auto [values, experts] = at::topk(probs, k);
+    const float* v = values.data_ptr<float>();
+    float chosen = 0.f;
+    for (int64_t j = 0; j < k; ++j) chosen += v[j];
+    auto weights = at::empty({1, k}, logits.options().dtype(at::kBFloat16));
+    bf16* wp = reinterpret_cast<bf16*>(weights.data_ptr<at::BFloat16>());
+    for (int64_t j = 0; j < k; ++j) wp[j] = float_to_bf16(normalize ? v[j] / chosen : v[j]);
+    return {weights, experts};
+}
+
 // RMSNorm of each row of a bf16 x [..., D], rounded as transformers' Qwen norms are: normalize in fp32
 // (x * 1/sqrt(mean(x^2) + eps)); then either bf16(weight * bf16(y)) or, zero-centered (Qwen3-Next),
 // bf16(y * (1 + weight)). For decode's few rows: torch's CPU rms_norm is a composite of ~8 ops, ~25 us
@@ -823,6 +849,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("signed_sin"), py::arg("cache_k"), py::arg("cache_v"), py::arg("slot"), py::arg("pos"),
           py::arg("heads"), py::arg("kv_heads"), py::arg("scale"), py::arg("avx512"),
           py::arg("min_bytes_per_thread"));
+    m.def("route_topk", &route_topk, "top-k softmax router of one token", py::arg("logits"), py::arg("k"),
+          py::arg("normalize"));
     m.def("rms_norm", &rms_norm, "RMSNorm of each bf16 row, rounded as transformers' Qwen norms", py::arg("x"),
           py::arg("weight"), py::arg("eps"), py::arg("zero_centered"));
     m.def("linear_int4", &linear_int4, "y = x @ W.T, one bf16 row, W in torch's CPU int4pack layout",
