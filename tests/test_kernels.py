@@ -357,6 +357,27 @@ def test_int4_moe_matches_the_per_expert_aten_path(ops, fast, num, top_k, hidden
     assert _rel_err(got, aten.float()) <= 2 ** -5
 
 
+@pytest.mark.parametrize("fast", INT4_PATHS)
+def test_int4_moe_splits_experts_into_slices_for_more_threads_than_experts(ops, fast, monkeypatch):
+    """One chosen expert on 2 threads: each thread takes a slice of its I columns (gate/up rows, SwiGLU,
+    that slice's share of the down projection); the result matches the 1-thread whole-expert one."""
+    experts = _int4_experts(3, 256, 256, 32)
+    x, weights, chosen = _bf16(1, 256), torch.ones(1).bfloat16(), torch.tensor([2])
+    args = (x, experts.w13_int4, experts.w13_int4_sz, experts.w2_int4, experts.w2_int4_sz, chosen, weights, fast, 1)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole = ops.moe_int4(*args)
+        torch.set_num_threads(2)
+        sliced = ops.moe_int4(*args)
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setattr(kernels, "moe_int4", lambda *a: None)
+    aten = experts(x, weights.view(1, 1), chosen.view(1, 1))
+    assert _rel_err(sliced, whole.float()) <= 2 ** -7  # fp32 partial sums in another order only
+    assert _rel_err(sliced, aten.float()) <= 2 ** -5
+
+
 def test_quant_modules_route_one_bf16_row_to_the_int4_kernels(ops, monkeypatch):
     experts = _int4_experts(4, 128, 64, 32)
     calls = []
