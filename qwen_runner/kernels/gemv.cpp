@@ -152,6 +152,26 @@ constexpr int kInt4Mid = 8;
 constexpr int kDigit = 128;          // x's integer form: 128 * hi + lo
 constexpr int kMaxQ = 127 * kDigit;  // |q| <= 16256: hi = round(q / 128) stays in int8, |lo| <= 64
 
+#ifdef QR_X86
+// One group of x -> q = round(x * kMaxQ / peak), split q = 128 hi + lo with |lo| <= 64 (hi = (q + 64) >> 7).
+QR_TARGET void quantize_group_avx512(const bf16* x, int64_t n, float peak, int8_t* hi, int8_t* lo, float* scale,
+                                     int32_t* qsum) {
+    const __m512 inv = _mm512_set1_ps(peak > 0.f ? kMaxQ / peak : 0.f);
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t k = 0; k < n; k += 16) {
+        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), 16));
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // round to nearest even, as lrint
+        const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(kDigit / 2)), 7);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + k), _mm512_cvtepi32_epi8(h));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + k), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(h, 7))));
+        total = _mm512_add_epi32(total, q);
+    }
+    *scale = peak / kMaxQ;
+    *qsum = _mm512_reduce_add_epi32(total);
+}
+#endif
+
 // One input vector of int4 GEMVs: bf16 x [K] and, per group, its fp32 sum (the zero points' term); for
 // the fast path also x as 15-bit integers per group, x ~= scale[g] * (128 hi + lo), and their sums.
 struct Int4Input {
@@ -186,6 +206,12 @@ struct Int4Input {
             }
             sum[g] = total;
             if (!integer) continue;
+#ifdef QR_X86
+            if (group % 16 == 0) {
+                quantize_group_avx512(x + g * group, group, peak, &hi[g * group], &lo[g * group], &scale[g], &qsum[g]);
+                continue;
+            }
+#endif
             const float inv = peak > 0.f ? kMaxQ / peak : 0.f;
             int32_t q_total = 0;
             for (int64_t k = g * group; k < (g + 1) * group; ++k) {
