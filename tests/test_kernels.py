@@ -484,3 +484,15 @@ def test_route_topk_matches_the_torch_router(ops, normalize, monkeypatch):
         assert got_w.dtype == want_w.dtype == torch.bfloat16 and got_e.dtype == want_e.dtype == torch.int64
         assert torch.equal(got_e, want_e)
         assert _rel_err(got_w, want_w.float()) <= 2 ** -8
+
+
+def test_bench_and_info_name_the_int4_decode_path(ops, monkeypatch):
+    from qwen_runner.models.quantized import KERNEL, describe_kernel
+
+    model = torch.nn.Module()
+    assert describe_kernel(model) is None  # dense
+    model.quant_kernel = KERNEL
+    assert describe_kernel(model) == f"prefill {KERNEL}; decode {kernels.int4_decode()}"
+    assert "int4" in kernels.status()["kernel"] or not AVX512
+    monkeypatch.setattr(kernels, "_ops", None)  # kernels off: ATen runs int4 decode too
+    assert describe_kernel(model) == KERNEL

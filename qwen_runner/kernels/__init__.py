@@ -65,6 +65,20 @@ def _decide() -> tuple[bool, str | None]:
     return True, None
 
 
+def _int4_fast_on_this_cpu(avx512: bool) -> bool:
+    cpu = hardware.detect_cpu()
+    return avx512 and cpu.has("avx512vbmi") and cpu.has("avx512_vnni")
+
+
+def _label(avx512: bool) -> str:
+    """What ``info`` and ``bench`` call the decode kernels: the bf16 GEMV and the int4 path."""
+    if not avx512:
+        return "C++ portable GEMV"
+    if _int4_fast_on_this_cpu(avx512):
+        return "C++ AVX512-BF16 GEMV, AVX512-VNNI int4"
+    return "C++ AVX512-BF16 GEMV, ATen int4 (no AVX512-VBMI)"
+
+
 def _load():
     global _avx512, _int4_fast
     avx512, skip = _decide()
@@ -85,9 +99,8 @@ def _load():
         return None
     seconds = time.perf_counter() - start
     _avx512 = avx512
-    cpu = hardware.detect_cpu()
-    _int4_fast = avx512 and cpu.has("avx512vbmi") and cpu.has("avx512_vnni")
-    kernel = "C++ AVX512-BF16 GEMV" if avx512 else "C++ portable GEMV"
+    _int4_fast = _int4_fast_on_this_cpu(avx512)
+    kernel = _label(avx512)
     _state.update(active=True, kernel=kernel, reason=f"loaded in {seconds:.1f} s from {directory}",
                   load_seconds=round(seconds, 2))
     log.info("%s loaded in %.1f s (build dir %s)", kernel, seconds, directory)
@@ -118,7 +131,7 @@ def status() -> dict:
         if skip:
             return {"active": False, "kernel": "aten", "reason": skip}
         built = any(build_dir().glob(f"{NAME}*.so")) if build_dir().is_dir() else False
-        kernel = "C++ AVX512-BF16 GEMV" if avx512 else "C++ portable GEMV"
+        kernel = _label(avx512)
         reason = "built; loads with the first bf16 model" if built else "compiles (once) with the first bf16 model"
         return {"active": None, "kernel": kernel, "reason": reason}
     return dict(_state)
@@ -179,6 +192,13 @@ def _int4_in_use() -> bool:
     """The int4 ops run where they beat ATen's int4pack kernel: with AVX512-VBMI and VNNI, or the portable
     loops when asked for (tests). An AVX512-BF16 CPU without VBMI (Cooper Lake) keeps ATen's."""
     return _int4_fast or not _avx512
+
+
+def int4_decode() -> str | None:
+    """The C++ path one-token int4 matmuls take, or None where ATen's int4pack kernel runs them."""
+    if _ops is _UNTRIED or _ops is None or not _int4_in_use():
+        return None
+    return "C++ AVX512-VNNI int4" if _int4_fast else "C++ portable int4"
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor | None:

@@ -452,5 +452,8 @@ def is_quantized_module(module: nn.Module) -> bool:
 
 
 def describe_kernel(model: nn.Module) -> str | None:
-    """The int4 kernel a model runs, None for a dense model (shown by bench and info)."""
-    return getattr(model, "quant_kernel", None)
+    """The int4 kernels a model runs, None for a dense model (shown by bench): ATen's int4pack for
+    prefill, and our C++ ops for one-token decode where they are in use."""
+    kernel = getattr(model, "quant_kernel", None)
+    decode = kernels.int4_decode() if kernel else None
+    return f"prefill {kernel}; decode {decode}" if decode else kernel
