@@ -14,6 +14,7 @@ for tests on any CPU). Callers go through ``models.layers.linear`` / ``StackedEx
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -26,7 +27,8 @@ from qwen_runner.settings import MIN_GEMV_BYTES_PER_THREAD, kernel_mode, load_se
 log = logging.getLogger(__name__)
 
 NAME = "qwen_runner_gemv"
-SOURCE = Path(__file__).with_name("gemv.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "int4.cpp", "attention.cpp")]
+HEADER = Path(__file__).with_name("common.h")
 _CFLAGS = ["-O3", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch already loaded (same soname)
 
@@ -91,7 +93,11 @@ def _load():
 
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
+        # torch rebuilds when a source or a flag changes; the header's hash is passed as a flag so that an
+        # edit to common.h alone rebuilds too
+        header = hashlib.sha256(HEADER.read_bytes()).hexdigest()[:16]
+        module = cpp_extension.load(NAME, [str(p) for p in SOURCES],
+                                    extra_cflags=[*_CFLAGS, f"-DQR_COMMON_H={header}"], extra_ldflags=list(_LDFLAGS),
                                     build_directory=str(directory), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: keep ATen
         log.warning("C++ decode kernels unavailable, using ATen matmuls: %s", _one_line(exc))
