@@ -1,4 +1,5 @@
-"""Our C++ decode kernels (gemv.cpp): one-row bf16 and int4 GEMVs and fused one-token MoEs (bf16, int4).
+"""Our C++ decode kernels (gemv.cpp, int4.cpp, attention.cpp): one-row bf16 and int4 GEMVs, fused one-token
+MoEs (bf16, int4), decode attention, router and RMSNorm.
 
 Why: torch's one-row bf16 matmul reads weights at about half the memory bandwidth and a MoE
 layer costs ~2k+5 dispatched ops per token (docs/models.md has the microbenchmark). The
@@ -35,7 +36,7 @@ _LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch already loaded (same so
 _UNTRIED = object()
 _ops = _UNTRIED  # the loaded extension, or None when it is not in use
 _avx512 = False
-_int4_fast = False  # the AVX512-VBMI + VNNI int4 path (vpermt2b gathers, vpdpbusd multiplies); see gemv.cpp
+_int4_fast = False  # the AVX512-VBMI + VNNI int4 path (vpermt2b gathers, vpdpbusd multiplies); see int4.cpp
 _state: dict = {"active": False, "kernel": "aten", "reason": "not loaded yet (loads with the first bf16 model)"}
 
 
@@ -177,7 +178,7 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, experts: torch.Ten
 def attention_decode(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                      cos: torch.Tensor, signed_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                      slot: int, pos: int, heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
-    """One decode step of GQA attention from the fused qkv row (gemv.cpp ``attention_decode``): q/k norm,
+    """One decode step of GQA attention from the fused qkv row (attention.cpp ``attention_decode``): q/k norm,
     rotary, cache write, attention; None when the caller must run the torch ops."""
     return _call("attention_decode", qkv, q_norm, k_norm, eps, cos, signed_sin, cache_k, cache_v, slot, pos, heads,
                  kv_heads, scale, _avx512, MIN_GEMV_BYTES_PER_THREAD)
@@ -217,7 +218,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torc
 
 def moe_int4(x: torch.Tensor, w13: torch.Tensor, sz13: torch.Tensor, w2: torch.Tensor, sz2: torch.Tensor,
              experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
-    """One token through its k int4pack experts in one call (gemv.cpp ``moe_int4``); None when the caller
+    """One token through its k int4pack experts in one call (int4.cpp ``moe_int4``); None when the caller
     must use the per-expert ATen int4 path."""
     if not _int4_in_use():
         return None
