@@ -9,15 +9,17 @@ namespace {
 
 // One head's row in place: RMSNorm (optional, rounded as `rms_norm`) then full-width rotary, rounded as
 // layers.apply_rotary_signed: bf16(bf16(x * cos) + bf16(roll(x, d/2) * signed_sin)).
-void norm_and_rotate(float* x, int64_t d, const float* norm_w, double eps, const float* cos, const float* ssin) {
+// `rolled`: scratch of d floats.
+void norm_and_rotate(float* x, int64_t d, const float* norm_w, double eps, const float* cos, const float* ssin,
+                     float* rolled) {
     if (norm_w) {
         float sq = 0.f;
         for (int64_t i = 0; i < d; ++i) sq += x[i] * x[i];
         const float inv = 1.f / std::sqrt(sq / static_cast<float>(d) + static_cast<float>(eps));
         for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(norm_w[i] * round_bf16(x[i] * inv));
     }
-    std::vector<float> rolled(x + d / 2, x + d);
-    rolled.insert(rolled.end(), x, x + d / 2);
+    std::copy(x + d / 2, x + d, rolled);
+    std::copy(x, x + d / 2, rolled + d / 2);
     for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(round_bf16(x[i] * cos[i]) + round_bf16(rolled[i] * ssin[i]));
 }
 
@@ -172,15 +174,15 @@ at::Tensor attention_decode(at::Tensor qkv, std::optional<at::Tensor> q_norm, st
     TORCH_CHECK(kn.empty() || static_cast<int64_t>(kn.size()) == d, "k_norm weight must have head_dim values");
 
     const bf16* in = data(qkv);
-    std::vector<float> q((heads + 2 * kv_heads) * d);
+    std::vector<float> q((heads + 2 * kv_heads) * d), rolled(d);
     for (size_t i = 0; i < q.size(); ++i) q[i] = bf16_to_float(in[i]);
     for (int64_t h = 0; h < heads; ++h)
-        norm_and_rotate(q.data() + h * d, d, qn.empty() ? nullptr : qn.data(), eps, c.data(), s.data());
+        norm_and_rotate(q.data() + h * d, d, qn.empty() ? nullptr : qn.data(), eps, c.data(), s.data(), rolled.data());
     bf16* kc = reinterpret_cast<bf16*>(cache_k.data_ptr<at::BFloat16>()) + slot * kv_heads * max_context * d;
     bf16* vc = reinterpret_cast<bf16*>(cache_v.data_ptr<at::BFloat16>()) + slot * kv_heads * max_context * d;
     for (int64_t g = 0; g < kv_heads; ++g) {
         float* k = q.data() + (heads + g) * d;
-        norm_and_rotate(k, d, kn.empty() ? nullptr : kn.data(), eps, c.data(), s.data());
+        norm_and_rotate(k, d, kn.empty() ? nullptr : kn.data(), eps, c.data(), s.data(), rolled.data());
         const bf16* v = in + (heads + kv_heads + g) * d;
         for (int64_t i = 0; i < d; ++i) {
             kc[(g * max_context + pos) * d + i] = float_to_bf16(k[i]);

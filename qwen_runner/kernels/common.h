@@ -115,6 +115,20 @@ inline Routing routing(const at::Tensor& experts, const at::Tensor& weights, int
     return {ex, k, std::move(wj)};
 }
 
+// The fused MoE ops' token: x [1, H] (bf16, made contiguous) and its routing.
+struct MoeToken {
+    at::Tensor x;
+    Routing route;
+};
+
+inline MoeToken moe_token(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights, int64_t E,
+                          int64_t H) {
+    TORCH_CHECK(x.numel() == H, "x has ", x.numel(), " elements, experts expect ", H);
+    at::Tensor c = x.contiguous();
+    check_bf16(c, "x");
+    return {c, routing(experts, weights, E)};
+}
+
 }  // namespace qr
 
 // The ops (bound in gemv.cpp).

@@ -161,10 +161,9 @@ at::Tensor moe(at::Tensor x, at::Tensor w13, at::Tensor w2, at::Tensor experts,
     const int64_t E = w13.size(0), I2 = w13.size(1), H = w13.size(2), I = I2 / 2;
     TORCH_CHECK(I2 % 2 == 0 && w2.size(0) == E && w2.size(1) == H && w2.size(2) == I,
                 "w2 ", w2.sizes(), " does not match w13 ", w13.sizes());
-    TORCH_CHECK(x.numel() == H, "x has ", x.numel(), " elements, experts expect ", H);
-    x = x.contiguous();
-    check_bf16(x, "x");
-    const Routing route = routing(experts, weights, E);
+    const MoeToken token = moe_token(x, experts, weights, E, H);
+    x = token.x;
+    const Routing& route = token.route;
     const int64_t k = route.k;
     const int64_t* ep = route.index.data_ptr<int64_t>();
     const std::vector<float>& wj = route.weights;

@@ -299,10 +299,9 @@ at::Tensor moe_int4(at::Tensor x, at::Tensor w13, at::Tensor sz13, at::Tensor w2
     const int64_t E = w13.size(0), I2 = up.N, H = up.K, I = I2 / 2;
     TORCH_CHECK(w2.size(0) == E && sz13.size(0) == E && sz2.size(0) == E && down.N == H && down.K == I,
                 "w2 ", w2.sizes(), " does not match w13 ", w13.sizes());
-    TORCH_CHECK(x.numel() == H, "x has ", x.numel(), " elements, experts expect ", H);
-    x = x.contiguous();
-    check_bf16(x, "x");
-    const Routing route = routing(experts, weights, E);
+    const MoeToken token = moe_token(x, experts, weights, E, H);
+    x = token.x;
+    const Routing& route = token.route;
     const int64_t k = route.k;
     const int64_t* ep = route.index.data_ptr<int64_t>();
     const std::vector<float>& wj = route.weights;
