@@ -95,15 +95,21 @@ inline float routed_swiglu(const float* gate_up, int64_t I, const float* weights
     return bf16_to_float(float_to_bf16(hu * weights[j]));
 }
 
-// The chosen experts (int64, checked against E) and their routing weights, rounded to the compute dtype
-// (bf16) as the torch path's mul_ does: shared by the bf16 and int4 fused MoE ops.
-struct Routing {
-    at::Tensor index;
+// The fused MoE ops' token, shared by the bf16 and int4 ops: x [1, H] (bf16, made contiguous), the k
+// chosen experts (int64, checked against E) and their routing weights, rounded to the compute dtype (bf16)
+// as the torch path's mul_ does.
+struct MoeToken {
+    at::Tensor x, index;  // index owns what `experts` points into
     int64_t k;
+    const int64_t* experts;
     std::vector<float> weights;
 };
 
-inline Routing routing(const at::Tensor& experts, const at::Tensor& weights, int64_t E) {
+inline MoeToken moe_token(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights, int64_t E,
+                          int64_t H) {
+    TORCH_CHECK(x.numel() == H, "x has ", x.numel(), " elements, experts expect ", H);
+    at::Tensor c = x.contiguous();
+    check_bf16(c, "x");
     at::Tensor ex = experts.scalar_type() == at::kLong && experts.is_contiguous() ? experts
                                                                                   : experts.to(at::kLong).contiguous();
     const int64_t k = ex.numel();
@@ -112,21 +118,7 @@ inline Routing routing(const at::Tensor& experts, const at::Tensor& weights, int
     for (int64_t j = 0; j < k; ++j) TORCH_CHECK(ep[j] >= 0 && ep[j] < E, "expert index ", ep[j], " out of range");
     std::vector<float> wj = to_floats(weights);
     for (float& w : wj) w = bf16_to_float(float_to_bf16(w));
-    return {ex, k, std::move(wj)};
-}
-
-// The fused MoE ops' token: x [1, H] (bf16, made contiguous) and its routing.
-struct MoeToken {
-    at::Tensor x;
-    Routing route;
-};
-
-inline MoeToken moe_token(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights, int64_t E,
-                          int64_t H) {
-    TORCH_CHECK(x.numel() == H, "x has ", x.numel(), " elements, experts expect ", H);
-    at::Tensor c = x.contiguous();
-    check_bf16(c, "x");
-    return {c, routing(experts, weights, E)};
+    return {c, ex, k, ep, std::move(wj)};
 }
 
 }  // namespace qr

@@ -162,11 +162,9 @@ at::Tensor moe(at::Tensor x, at::Tensor w13, at::Tensor w2, at::Tensor experts,
     TORCH_CHECK(I2 % 2 == 0 && w2.size(0) == E && w2.size(1) == H && w2.size(2) == I,
                 "w2 ", w2.sizes(), " does not match w13 ", w13.sizes());
     const MoeToken token = moe_token(x, experts, weights, E, H);
+    const int64_t k = token.k;
+    const int64_t* ep = token.experts;
     x = token.x;
-    const Routing& route = token.route;
-    const int64_t k = route.k;
-    const int64_t* ep = route.index.data_ptr<int64_t>();
-    const std::vector<float>& wj = route.weights;
 
     const bf16* xp = data(x);
     std::vector<const bf16*> w13p(k), w2p(k), xs(k), hp(k);
@@ -195,7 +193,7 @@ at::Tensor moe(at::Tensor x, at::Tensor w13, at::Tensor w2, at::Tensor experts,
 #pragma omp barrier
         // 2. SwiGLU and routing weight, rounded step by step to bf16 as the torch path does.
         const int64_t n = k * I, s0 = n * tid / team, s1 = n * (tid + 1) / team;
-        for (int64_t i = s0; i < s1; ++i) h[i] = float_to_bf16(routed_swiglu(gate_up.data(), I, wj.data(), i));
+        for (int64_t i = s0; i < s1; ++i) h[i] = float_to_bf16(routed_swiglu(gate_up.data(), I, token.weights.data(), i));
 #pragma omp barrier
         // 3. down GEMVs: each thread owns output rows and sums over the k experts itself.
         split_rows(H, tid, team, &r0, &r1);

@@ -300,11 +300,9 @@ at::Tensor moe_int4(at::Tensor x, at::Tensor w13, at::Tensor sz13, at::Tensor w2
     TORCH_CHECK(w2.size(0) == E && sz13.size(0) == E && sz2.size(0) == E && down.N == H && down.K == I,
                 "w2 ", w2.sizes(), " does not match w13 ", w13.sizes());
     const MoeToken token = moe_token(x, experts, weights, E, H);
+    const int64_t k = token.k;
+    const int64_t* ep = token.experts;
     x = token.x;
-    const Routing& route = token.route;
-    const int64_t k = route.k;
-    const int64_t* ep = route.index.data_ptr<int64_t>();
-    const std::vector<float>& wj = route.weights;
 
     // Slices per expert: as few as give every thread a unit, since whole experts stream each weight in one
     // sweep (bench shape, DRAM-cold, 1 thread: ~9% faster than 128-column slices; 2 threads: even).
@@ -339,7 +337,7 @@ at::Tensor moe_int4(at::Tensor x, at::Tensor w13, at::Tensor sz13, at::Tensor w2
                                                H / up.group, false}, gu);
             }
             bf16* hj = h.data() + j * I;
-            for (int64_t i = c0; i < c1; ++i) hj[i] = float_to_bf16(routed_swiglu(gate_up.data(), I, wj.data(), j * I + i));
+            for (int64_t i = c0; i < c1; ++i) hj[i] = float_to_bf16(routed_swiglu(gate_up.data(), I, token.weights.data(), j * I + i));
             hin[j].prepare(hj, c0 / down.group, c1 / down.group);
             const Int4Part w2j{&hin[j], w2.data_ptr<uint8_t>() + ep[j] * H * I / 2, data(sz2) + ep[j] * sz2.stride(0)};
             int4_rows(fast, &w2j, 1, {H, I, down.group, 0, H / kInt4Rows, c0 / down.group, c1 / down.group, true}, mine);
