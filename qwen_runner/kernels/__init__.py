@@ -197,13 +197,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
 
 def _int4_in_use() -> bool:
     """The int4 ops run where they beat ATen's int4pack kernel: with AVX512-VBMI and VNNI, or the portable
-    loops when asked for (tests). An AVX512-BF16 CPU without VBMI (Cooper Lake) keeps ATen's."""
-    return _int4_fast or not _avx512
+    loops when asked for (tests). An AVX512-BF16 CPU without VBMI (Cooper Lake) keeps ATen's. Loads the
+    extension first, so the flags it reads are this CPU's."""
+    return ops() is not None and (_int4_fast or not _avx512)
 
 
 def int4_decode() -> str | None:
     """The C++ path one-token int4 matmuls take, or None where ATen's int4pack kernel runs them."""
-    if _ops is _UNTRIED or _ops is None or not _int4_in_use():
+    if _ops is _UNTRIED or not _int4_in_use():
         return None
     return "C++ AVX512-VNNI int4" if _int4_fast else "C++ portable int4"
 
